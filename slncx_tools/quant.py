@@ -1,0 +1,159 @@
+"""Symmetric absmax int8 with R row-block scales (SPEC §3). Pure numpy: no I/O, no jax.
+
+A weight [..., in, out] is stored as int8 values of the same shape and scales [..., R, out]:
+`scales[..., r, n]` multiplies rows r·(in/R) … (r+1)·(in/R)−1 of column n. R = 1 is plain
+per-output-channel quantization; the release uses R = 8 for the row-parallel weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import ml_dtypes
+import numpy as np
+
+from .errors import FormatError
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+QMAX = 127
+
+
+@dataclass(frozen=True, eq=False)
+class QuantizedArray:
+    """int8 `values` [..., in, out] with `scales` [..., R, out] (bf16 or float32)."""
+
+    values: np.ndarray
+    scales: np.ndarray
+
+    def __post_init__(self):
+        v, s = self.values, self.scales
+        if v.ndim < 2 or s.ndim != v.ndim:
+            raise FormatError(f"quantized weight: values {v.shape} and scales {s.shape} ranks do not fit")
+        if s.shape[:-2] != v.shape[:-2] or s.shape[-1] != v.shape[-1] or v.shape[-2] % s.shape[-2]:
+            raise FormatError(
+                f"quantized weight: scales {s.shape} do not fit values {v.shape} "
+                f"(expected [..., R, {v.shape[-1]}] with R dividing {v.shape[-2]})"
+            )
+
+    @property
+    def shape(self) -> tuple:
+        return self.values.shape
+
+    @property
+    def blocks(self) -> int:
+        return self.scales.shape[-2]
+
+    @property
+    def nbytes(self) -> int:
+        return self.values.nbytes + self.scales.nbytes
+
+    def dequantize(self) -> np.ndarray:
+        """bf16(q) · s as a bf16 product (the reference's dequantization), returned as bf16."""
+        return dequantize(self.values, self.scales)
+
+
+def expand_scales(scales: np.ndarray, rows: int) -> np.ndarray:
+    """Repeat each of the R scale rows over its rows/R input rows: [..., R, out] -> [..., rows, out]."""
+    blocks = scales.shape[-2]
+    if rows % blocks:
+        raise FormatError(f"{blocks} scale blocks do not divide {rows} rows")
+    return np.repeat(scales, rows // blocks, axis=-2)
+
+
+def dequantize(values: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    full = expand_scales(scales, values.shape[-2])
+    if full.dtype == BF16:
+        return values.astype(BF16) * full  # bf16 × bf16, rounded once to bf16
+    return (values.astype(np.float32) * full.astype(np.float32))
+
+
+def block_absmax(w: np.ndarray, blocks: int) -> np.ndarray:
+    """max |w| over each block's rows: [..., in, out] -> [..., R, out] (float32)."""
+    rows, cols = w.shape[-2], w.shape[-1]
+    if rows % blocks:
+        raise FormatError(f"{blocks} scale blocks do not divide {rows} rows")
+    grouped = np.abs(w.astype(np.float32, copy=False)).reshape(
+        w.shape[:-2] + (blocks, rows // blocks, cols)
+    )  # [..., R, in/R, out]
+    return grouped.max(axis=-2)
+
+
+def scales_from_absmax(absmax: np.ndarray, scale_dtype=BF16) -> np.ndarray:
+    """s = dtype(max|w| / 127), with a zero channel given scale 1 (its values are all 0)."""
+    s = (absmax.astype(np.float32) / np.float32(QMAX)).astype(scale_dtype)
+    return np.where(s == 0, np.asarray(1, dtype=scale_dtype), s).astype(scale_dtype)
+
+
+def quantize_with_scales(w: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """q = clip(rint(w / float32(s)), -127, 127) as int8 (a true division, as the reference does)."""
+    full = expand_scales(scales, w.shape[-2]).astype(np.float32)
+    q = np.rint(w.astype(np.float32, copy=False) / full)
+    return np.clip(q, -QMAX, QMAX).astype(np.int8)
+
+
+def quantize(w: np.ndarray, blocks: int = 1, scale_dtype=BF16) -> QuantizedArray:
+    """Symmetric absmax int8 of a weight [..., in, out] with `blocks` row blocks (SPEC §3)."""
+    scales = scales_from_absmax(block_absmax(w, blocks), scale_dtype)
+    return QuantizedArray(quantize_with_scales(w, scales), scales)
+
+
+@dataclass(frozen=True)
+class ErrorStats:
+    """Accumulated error of an approximation `b` of `a`; combine partial sums with `+`."""
+
+    count: int = 0
+    sum_sq_ref: float = 0.0
+    sum_sq_err: float = 0.0
+    sum_dot: float = 0.0
+    sum_sq_approx: float = 0.0
+    max_abs: float = 0.0
+
+    @classmethod
+    def of(cls, a: np.ndarray, b: np.ndarray) -> "ErrorStats":
+        a = np.asarray(a, dtype=np.float64)
+        b = np.asarray(b, dtype=np.float64)
+        err = a - b
+        return cls(
+            count=a.size,
+            sum_sq_ref=float(np.sum(a * a)),
+            sum_sq_err=float(np.sum(err * err)),
+            sum_dot=float(np.sum(a * b)),
+            sum_sq_approx=float(np.sum(b * b)),
+            max_abs=float(np.max(np.abs(err))) if err.size else 0.0,
+        )
+
+    def __add__(self, other: "ErrorStats") -> "ErrorStats":
+        return ErrorStats(
+            self.count + other.count,
+            self.sum_sq_ref + other.sum_sq_ref,
+            self.sum_sq_err + other.sum_sq_err,
+            self.sum_dot + other.sum_dot,
+            self.sum_sq_approx + other.sum_sq_approx,
+            max(self.max_abs, other.max_abs),
+        )
+
+    @property
+    def rmse(self) -> float:
+        return (self.sum_sq_err / self.count) ** 0.5 if self.count else 0.0
+
+    @property
+    def snr_db(self) -> float:
+        if self.sum_sq_err == 0:
+            return float("inf")
+        if self.sum_sq_ref == 0:
+            return float("-inf")
+        return 10.0 * np.log10(self.sum_sq_ref / self.sum_sq_err)
+
+    @property
+    def cosine(self) -> float:
+        denom = (self.sum_sq_ref * self.sum_sq_approx) ** 0.5
+        return self.sum_dot / denom if denom else 1.0
+
+    def to_dict(self) -> dict:
+        return {
+            "count": self.count,
+            "rmse": self.rmse,
+            "snr_db": self.snr_db,
+            "cosine": self.cosine,
+            "max_abs": self.max_abs,
+        }
