@@ -107,16 +107,17 @@ class ReleaseCheckpoint:
     def infer_config(self) -> ModelConfig:
         """The config whose table matches these files' shapes (SPEC §2 positions of layer 0)."""
         indices = [int(m.group(1)) for n in self.files() if (m := FILE_RE.match(n))]
-        if not indices or (len(indices) - 2) % 12:
+        count = max(indices, default=-1) + 1  # a missing file in the middle is reported later
+        if count < 14 or (count - 2) % 12:
             raise StructureError(
-                f"{self.dir}: {len(indices)} tensor files; a checkpoint has 2 + 12·layers"
+                f"{self.dir}: tensor files up to index {count - 1}; a checkpoint has 2 + 12·layers files"
             )
         emb = self._logical_shape(0)
         moe = self._logical_shape(2)  # decoder_layer_0/moe/linear/w [E, D, F]
         key = self._logical_shape(5)  # multi_head_attention/key/w [D, K·ks]
         query = self._logical_shape(7)  # multi_head_attention/query/w [D, H·ks]
         return infer_config(
-            vocab_size=emb[0], emb_size=emb[1], num_layers=(len(indices) - 2) // 12,
+            vocab_size=emb[0], emb_size=emb[1], num_layers=(count - 2) // 12,
             q_width=query[1], kv_width=key[1], ffn=moe[2], num_experts=moe[0],
         )
 

@@ -15,12 +15,10 @@ def summarize(ckpt, check: bool = False) -> dict:
     for entry in ckpt.table:
         try:
             stored = ckpt.stored(entry) if hasattr(ckpt, "stored") else _release_stored(ckpt, entry)
-        except SlncxError as e:
+        except SlncxError:
             if not check:
                 raise
-            stored = {"dtype": "?", "quant": f"unreadable", "bytes": 0}
-            if str(e) not in problems:
-                problems.append(str(e))
+            stored = {"dtype": "?", "quant": "unreadable", "bytes": 0}  # listed in `problems`
         rows.append(
             {
                 "index": entry.index,
