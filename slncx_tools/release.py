@@ -239,15 +239,21 @@ def _pread_into(fd: int, buf: np.ndarray, offset: int) -> int:
     return done
 
 
+def is_float_dtype(dtype) -> bool:
+    return np.dtype(dtype).kind == "f" or np.dtype(dtype) == BF16
+
+
 def check_header(entry: ParamSpec, h: picklefmt.PickledTensor, path) -> None:
     """Raise FormatError unless the file holds what the parameter table says it must."""
-    if entry.quantized:
-        if not h.quantized:
-            a = h.arrays["array"]
+    if entry.quantized and not h.quantized:
+        # A float source (dequantized, fine-tuned, or a float master): a float matrix is fine.
+        a = h.arrays["array"]
+        if a.shape != entry.shape or not is_float_dtype(a.dtype):
             raise FormatError(
-                f"{path}: {entry.path}: expected a QuantizedWeight8bit {list(entry.shape)}, "
-                f"found a plain {a.dtype} array {list(a.shape)}"
+                f"{path}: {entry.path}: expected a QuantizedWeight8bit or a float array {list(entry.shape)}, "
+                f"found a {a.dtype} array {list(a.shape)}"
             )
+    elif entry.quantized:
         w, s = h.arrays["weight"], h.arrays["scales"]
         if w.shape != entry.shape or w.dtype != np.int8:
             raise FormatError(
@@ -271,7 +277,7 @@ def check_header(entry: ParamSpec, h: picklefmt.PickledTensor, path) -> None:
         if h.quantized:
             raise FormatError(f"{path}: {entry.path}: expected a float32 array {list(entry.shape)}, found a quantized weight")
         a = h.arrays["array"]
-        if a.shape != entry.shape or a.dtype.kind != "f":
+        if a.shape != entry.shape or not is_float_dtype(a.dtype):
             raise FormatError(
                 f"{path}: {entry.path}: expected float32 {list(entry.shape)}, found {a.dtype} {list(a.shape)}"
             )
