@@ -157,3 +157,139 @@ class ErrorStats:
             "cosine": self.cosine,
             "max_abs": self.max_abs,
         }
+
+
+# --- fast slab kernels (used by the converters; identical results to the reference functions above)
+
+MSE_GRID = tuple(float(r) for r in np.round(np.linspace(1.0, 0.70, 16), 4))
+
+
+def absmax_fast(w: np.ndarray, axis: int) -> np.ndarray:
+    """max |w| along `axis` without a full-size |w| temporary (exactly equal to np.abs(w).max(axis))."""
+    hi = np.max(w, axis=axis)
+    lo = np.min(w, axis=axis)
+    return np.maximum(hi, -lo).astype(np.float32, copy=False)
+
+
+def round_to_bf16(x: np.ndarray) -> np.ndarray:
+    """float32 -> nearest-even bf16 value, returned as float32 (bit trick; x must be finite)."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).copy()
+    u += np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))
+    u &= np.uint32(0xFFFF0000)
+    return u.view(np.float32)
+
+
+def dequantize_f32(q: np.ndarray, scales_b: np.ndarray) -> np.ndarray:
+    """bf16(q)·s as the reference computes it (a bf16 product for bf16 scales), as float32.
+
+    `scales_b` must already broadcast against `q`. For bf16 scales the float32 product of an int8
+    and a bf16 is exact, so rounding it once to bf16 equals the bf16 multiply.
+    """
+    prod = q.astype(np.float32) * scales_b.astype(np.float32)
+    return round_to_bf16(prod) if scales_b.dtype == BF16 else prod
+
+
+def quantize_columns(w: np.ndarray, blocks: int = 1, scale_dtype=BF16, method: str = "absmax",
+                     grid=MSE_GRID):
+    """SPEC §3 quantization of a slab [..., in, out] with `blocks` row blocks, vectorised.
+
+    Returns (q int8 [..., in, out], scales [..., R, out], ErrorStats of bf16(q)·s against w).
+    method "absmax" is exactly `quantize`; "mse" scales each block's absmax by the ratio from
+    `grid` (which includes 1.0) that minimises its squared error, so its error is never larger.
+    """
+    w = np.asarray(w, dtype=np.float32)
+    rows, cols = w.shape[-2], w.shape[-1]
+    if rows % blocks:
+        raise FormatError(f"{blocks} scale blocks do not divide {rows} rows")
+    g = w.reshape(w.shape[:-2] + (blocks, rows // blocks, cols))  # [..., R, in/R, out]
+    absmax = absmax_fast(g, axis=-2)  # [..., R, out]
+    scales = scales_from_absmax(absmax, scale_dtype)
+    q = _quantize_grouped(g, scales)
+    if method == "mse":
+        deq = dequantize_f32(q, scales[..., :, None, :])
+        best_err = _block_sq_err(g, deq)
+        for ratio in grid:
+            if ratio == 1.0:
+                continue
+            s_r = scales_from_absmax(absmax * np.float32(ratio), scale_dtype)
+            q_r = _quantize_grouped(g, s_r)
+            err_r = _block_sq_err(g, dequantize_f32(q_r, s_r[..., :, None, :]))
+            better = err_r < best_err  # [..., R, out]
+            if better.any():
+                best_err = np.where(better, err_r, best_err)
+                scales = np.where(better, s_r, scales).astype(scales.dtype)
+                q = np.where(better[..., None, :], q_r, q)
+    elif method != "absmax":
+        raise ValueError(f"unknown method {method!r}")
+    deq = dequantize_f32(q, scales[..., :, None, :])
+    stats = error_stats_f32(g, deq)
+    return q.reshape(w.shape), scales, stats
+
+
+def _quantize_grouped(g: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    t = g / scales.astype(np.float32)[..., :, None, :]  # true division, as the reference
+    np.rint(t, out=t)
+    np.clip(t, -QMAX, QMAX, out=t)
+    return t.astype(np.int8)
+
+
+def _block_sq_err(g: np.ndarray, deq: np.ndarray) -> np.ndarray:
+    e = (g - deq).astype(np.float64)
+    return np.einsum("...ij,...ij->...j", e, e)  # [..., R, out]
+
+
+def error_stats_f32(a: np.ndarray, b: np.ndarray, piece: int = 1 << 22) -> ErrorStats:
+    """ErrorStats of float32 arrays without float64 copies (dot products per piece, summed in float64)."""
+    a = np.ascontiguousarray(a, dtype=np.float32).reshape(-1)
+    b = np.ascontiguousarray(b, dtype=np.float32).reshape(-1)
+    total = ErrorStats()
+    for i in range(0, a.size, piece):
+        x, y = a[i : i + piece], b[i : i + piece]
+        e = x - y
+        total = total + ErrorStats(
+            count=int(x.size),
+            sum_sq_ref=float(np.dot(x, x)),
+            sum_sq_err=float(np.dot(e, e)),
+            sum_dot=float(np.dot(x, y)),
+            sum_sq_approx=float(np.dot(y, y)),
+            max_abs=float(max(e.max(), -e.min())) if e.size else 0.0,
+        )
+    return total
+
+
+@dataclass(frozen=True, eq=False)
+class RowQuantizedArray:
+    """Per-row int8 (the `--embeddings int8` layout): `values` [V, D] int8, `scales` [V, 1].
+
+    Row v dequantizes as bf16(values[v]) · scales[v]. The transposed pair is an ordinary R = 1
+    per-output-channel weight [D, V] with scales [1, V] — the tied output projection.
+    """
+
+    values: np.ndarray
+    scales: np.ndarray
+
+    def __post_init__(self):
+        v, s = self.values, self.scales
+        if v.ndim != 2 or s.shape != (v.shape[0], 1):
+            raise FormatError(f"per-row quantized weight: scales {s.shape} do not fit values {v.shape} (expected [{v.shape[0] if v.ndim else '?'}, 1])")
+
+    @property
+    def shape(self) -> tuple:
+        return self.values.shape
+
+    @property
+    def nbytes(self) -> int:
+        return self.values.nbytes + self.scales.nbytes
+
+    def dequantize(self) -> np.ndarray:
+        return self.transposed().dequantize().T
+
+    def transposed(self) -> QuantizedArray:
+        """The output-projection view: values.T [D, V] with per-column scales [1, V]."""
+        return QuantizedArray(self.values.T, self.scales.T)
+
+
+def quantize_rows(w: np.ndarray, scale_dtype=BF16, method: str = "absmax"):
+    """Per-row SPEC §3 int8 of [V, D] (one scale per row): the transpose of per-column R = 1."""
+    q, s, stats = quantize_columns(np.asarray(w, dtype=np.float32).T, 1, scale_dtype, method)
+    return np.ascontiguousarray(q.T), np.ascontiguousarray(s.T), stats
