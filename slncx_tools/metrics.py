@@ -41,36 +41,50 @@ def _summary(values: np.ndarray) -> dict:
     return out
 
 
-def compare_logits(ref_logits: np.ndarray, cand_logits: np.ndarray, targets: Optional[np.ndarray] = None) -> dict:
-    """Everything `verify --against` reports, as a JSON-able dict.
-
-    `targets` [N] are the next tokens (teacher forcing) for perplexity and llama.cpp's Δp of
-    the correct token; without them only distribution metrics are reported.
-    """
+def position_stats(ref_logits: np.ndarray, cand_logits: np.ndarray, targets: Optional[np.ndarray] = None) -> dict:
+    """Per-position figures for one chunk of positions ([N, V] logits): small [N] arrays that
+    can be concatenated across chunks, so a long evaluation never holds all logits at once."""
     ref = np.asarray(ref_logits, dtype=np.float64)
     cand = np.asarray(cand_logits, dtype=np.float64)
     if ref.shape != cand.shape or ref.ndim != 2:
         raise ValueError(f"logits must both be [N, V]; got {ref.shape} and {cand.shape}")
     lp, lq = log_softmax(ref), log_softmax(cand)
     p, q = np.exp(lp), np.exp(lq)
-    kld = np.maximum((p * (lp - lq)).sum(axis=-1), 0.0)
     rows = np.arange(len(ref))
     top_ref = ref.argmax(axis=-1)
-    top_cand = cand.argmax(axis=-1)
-    dp_top = q[rows, top_ref] - p[rows, top_ref]
     dlogit = np.abs(ref - cand)
-    report = {
-        "positions": int(len(ref)),
-        "kld": _summary(kld),
-        "top1_agreement": float((top_ref == top_cand).mean()),
-        "delta_p_top": {"rms": float(np.sqrt((dp_top**2).mean())), **_summary(dp_top)},
-        "abs_delta_logit": {"mean": float(dlogit.mean()), "max": float(dlogit.max())},
+    stats = {
+        "kld": np.maximum((p * (lp - lq)).sum(axis=-1), 0.0),
+        "same_top1": top_ref == cand.argmax(axis=-1),
+        "dp_top": q[rows, top_ref] - p[rows, top_ref],
+        "dlogit_mean": dlogit.mean(axis=-1),
+        "dlogit_max": dlogit.max(axis=-1),
     }
     if targets is not None:
         t = np.asarray(targets)
-        nll_ref, nll_cand = -lp[rows, t], -lq[rows, t]
+        stats["nll_ref"] = -lp[rows, t]
+        stats["nll_cand"] = -lq[rows, t]
+        stats["dp_target"] = q[rows, t] - p[rows, t]
+    return stats
+
+
+def concat_stats(chunks: list) -> dict:
+    return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+
+
+def summarize_stats(stats: dict) -> dict:
+    """The report (as `verify --against` prints it) from per-position figures."""
+    kld, dp_top = stats["kld"], stats["dp_top"]
+    report = {
+        "positions": int(len(kld)),
+        "kld": _summary(kld),
+        "top1_agreement": float(stats["same_top1"].mean()),
+        "delta_p_top": {"rms": float(np.sqrt((dp_top**2).mean())), **_summary(dp_top)},
+        "abs_delta_logit": {"mean": float(stats["dlogit_mean"].mean()), "max": float(stats["dlogit_max"].max())},
+    }
+    if "nll_ref" in stats:
+        nll_ref, nll_cand, dp = stats["nll_ref"], stats["nll_cand"], stats["dp_target"]
         ppl_ref, ppl_cand = float(np.exp(nll_ref.mean())), float(np.exp(nll_cand.mean()))
-        dp = q[rows, t] - p[rows, t]
         report["perplexity"] = {
             "reference": ppl_ref,
             "candidate": ppl_cand,
@@ -79,3 +93,12 @@ def compare_logits(ref_logits: np.ndarray, cand_logits: np.ndarray, targets: Opt
         }
         report["delta_p_target"] = {"rms": float(np.sqrt((dp**2).mean())), **_summary(dp)}
     return report
+
+
+def compare_logits(ref_logits: np.ndarray, cand_logits: np.ndarray, targets: Optional[np.ndarray] = None) -> dict:
+    """Everything `verify --against` reports for [N, V] logits, as a JSON-able dict.
+
+    `targets` [N] are the next tokens (teacher forcing) for perplexity and llama.cpp's Δp of
+    the correct token; without them only distribution metrics are reported.
+    """
+    return summarize_stats(position_stats(ref_logits, cand_logits, targets))

@@ -64,3 +64,13 @@ def test_identical_logits_give_zero_difference():
     r = compare_logits(x, x.copy(), np.zeros(10, int))
     assert r["kld"]["max"] == 0 and r["top1_agreement"] == 1 and r["perplexity"]["ratio"] == 1
     assert r["abs_delta_logit"]["max"] == 0
+
+
+def test_chunked_stats_equal_one_shot():
+    from slncx_tools.metrics import concat_stats, position_stats, summarize_stats
+
+    rng = np.random.default_rng(2)
+    ref, cand = rng.standard_normal((30, 11)), rng.standard_normal((30, 11))
+    t = rng.integers(0, 11, 30)
+    chunked = summarize_stats(concat_stats([position_stats(ref[i:i + 7], cand[i:i + 7], t[i:i + 7]) for i in range(0, 30, 7)]))
+    assert chunked == compare_logits(ref, cand, t)
