@@ -137,7 +137,7 @@ def plan_tensor(source, entry: ParamSpec, opts: QuantizeOptions) -> TensorJob:
             return TensorJob(entry, "quantize_rows", {"kind": "int8_rows", "scale_dtype": st.dtype_name(sd)},
                              {"weight": arr(shape, np.int8), "scales": arr((shape[0], 1), sd, True)}, in_bytes, parts)
         return TensorJob(entry, "float", {"kind": "float", "dtype": "float32"}, {"array": arr(shape, f32)}, in_bytes, parts)
-    if kind == "int8" and opts.requantize and sel:
+    if kind == "int8" and opts.requantize and sel and parts["scales"][0][-2] > 1:
         return TensorJob(entry, "requantize", {"kind": "int8", "blocks": 1, "scale_dtype": st.dtype_name(sd)},
                          {"weight": arr(shape, np.int8), "scales": arr(entry.scales_shape(1), sd, True)}, in_bytes, parts)
     # carried bit-exactly: same dtypes, same scales

@@ -161,7 +161,7 @@ class ErrorStats:
 
 # --- fast slab kernels (used by the converters; identical results to the reference functions above)
 
-MSE_GRID = tuple(float(r) for r in np.round(np.linspace(1.0, 0.70, 16), 4))
+MSE_GRID = tuple(float(r) for r in np.round(np.linspace(1.0, 0.85, 61), 4))  # step 0.0025
 
 
 def absmax_fast(w: np.ndarray, axis: int) -> np.ndarray:
