@@ -1,0 +1,175 @@
+"""Benchmark `quantize` on full-size SLNCX tensors: throughput vs raw disk bandwidth, and peak RSS.
+
+    .venv/bin/python benchmarks/bench_quantize.py [--dir /tmp/slncx-bench] [--keep]
+
+Builds (streamed, never whole in memory) a synthetic ckpt-0 of the SLNCX config cut to one layer:
+the full float32 embeddings [131072, 6144] (3.2 GB), layer 0's int8 MoE weights (3 × 1.6 GB) and
+attention weights, norms and router — 8.1 GB. Then, each in a fresh subprocess (peak RSS from
+getrusage), with the page cache dropped first when we are allowed to:
+
+  1. release -> store (default: int8 carried, float embeddings kept), zstd:1
+  2. float attention weights + `--embeddings int8` (the float quantize path)
+
+and compares with a sequential write+read of a file of similar size (dd-like) in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from slncx_tools import picklefmt  # noqa: E402
+from slncx_tools.config import SLNCX  # noqa: E402
+from slncx_tools.params import param_table  # noqa: E402
+from slncx_tools.quant import BF16  # noqa: E402
+from slncx_tools.release import write_tensor  # noqa: E402
+
+CHUNK = 64 * 1024 * 1024
+
+
+def drop_caches() -> bool:
+    try:
+        os.sync()
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def _stream(shape, dtype, make):
+    """ArrayPayload chunks: C-order rows produced by `make(rng, n_elements)` in ~64 MB pieces."""
+    n = int(np.prod(shape))
+    step = max(1, CHUNK // np.dtype(dtype).itemsize)
+
+    def chunks():
+        rng = np.random.default_rng(n)
+        for i in range(0, n, step):
+            yield make(rng, min(step, n - i)).view(np.uint8).data
+
+    return picklefmt.ArrayPayload(tuple(shape), np.dtype(dtype), chunks)
+
+
+def build(ckpt: Path, cfg, float_attention: bool, link_from: Path = None) -> int:
+    """Write the synthetic ckpt-0; with `float_attention`, attention weights are float32 and every
+    other file is hard-linked from `link_from` (no extra disk, no generation time)."""
+    ckpt.mkdir(parents=True)
+    total = 0
+    gauss = lambda rng, k: (rng.standard_normal(k, dtype=np.float32) * np.float32(0.02))  # noqa: E731
+    for e in param_table(cfg):
+        if float_attention and "attention" not in e.name:
+            os.link(link_from / e.file, ckpt / e.file)
+        elif float_attention:
+            write_tensor(ckpt / e.file, None, arrays={"array": _stream(e.shape, np.float32, gauss)})
+        elif e.quantized:
+            s = e.scales_shape(e.release_blocks)
+            write_tensor(ckpt / e.file, None, arrays={
+                "weight": _stream(e.shape, np.int8, lambda rng, k: rng.integers(-127, 128, k, dtype=np.int8)),
+                "scales": picklefmt.ArrayPayload.of(np.full(s, 0.01, dtype=BF16)),
+            })
+        else:
+            write_tensor(ckpt / e.file, None, arrays={"array": _stream(e.shape, np.float32, gauss)})
+        total += (ckpt / e.file).stat().st_size
+    (ckpt / "config.json").write_text(json.dumps(cfg.to_dict()))
+    return total
+
+
+def disk_bandwidth(d: Path, nbytes: int) -> tuple:
+    """Sequential write (with fsync) then read (cache dropped if allowed) of an nbytes file."""
+    path = d / "dd.bin"
+    buf = np.random.default_rng(0).integers(0, 255, CHUNK, dtype=np.uint8).tobytes()
+    t0 = time.perf_counter()
+    with open(path, "wb", buffering=0) as f:
+        for _ in range(nbytes // CHUNK):
+            f.write(buf)
+        os.fsync(f.fileno())
+    w = nbytes / (time.perf_counter() - t0)
+    dropped = drop_caches()
+    t0 = time.perf_counter()
+    rb = bytearray(CHUNK)
+    with open(path, "rb", buffering=0) as f:
+        while f.readinto(rb):
+            pass
+    r = nbytes / (time.perf_counter() - t0)
+    path.unlink()
+    return w, r, dropped
+
+
+def run_quantize(src: Path, out: Path, *args) -> dict:
+    dropped = drop_caches()
+    code = (
+        "import json,resource,sys,time;from slncx_tools.convert import QuantizeOptions,quantize_checkpoint;"
+        "t=time.perf_counter();r=quantize_checkpoint(sys.argv[1],sys.argv[2],QuantizeOptions(**json.loads(sys.argv[3])));"
+        "r['seconds']=time.perf_counter()-t;r['rss']=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss*1024;"
+        "print(json.dumps(r,default=str))"
+    )
+    opts = json.dumps(dict(a.split("=", 1) for a in args)) if args else "{}"
+    p = subprocess.run([sys.executable, "-c", code, str(src), str(out), opts], capture_output=True, text=True, cwd=ROOT)
+    if p.returncode:
+        raise SystemExit(p.stderr)
+    r = json.loads(p.stdout.strip().splitlines()[-1])
+    r["cache_dropped"] = dropped
+    return r
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dir", default=None)
+    ap.add_argument("--keep", action="store_true")
+    a = ap.parse_args()
+    base = Path(a.dir or tempfile.mkdtemp(prefix="slncx-bench-", dir="/tmp"))
+    base.mkdir(parents=True, exist_ok=True)
+    need = 30 * 1024**3
+    free = shutil.disk_usage(base).free
+    if free < need:
+        raise SystemExit(f"{base}: needs ~30 GB free, has {free / 1e9:.1f} GB")
+    cfg = SLNCX.replace(name="custom", num_layers=1)
+    try:
+        t0 = time.perf_counter()
+        src_bytes = build(base / "release" / "ckpt-0", cfg, float_attention=False)
+        fsrc_bytes = build(base / "float" / "ckpt-0", cfg, float_attention=True, link_from=base / "release" / "ckpt-0")
+        gen_s = time.perf_counter() - t0
+        wbw, rbw, dropped = disk_bandwidth(base, 4 * 1024**3)
+        rows = []
+        r1 = run_quantize(base / "release", base / "store1")
+        rows.append(("release -> store (carry int8, f32 emb), zstd:1", src_bytes, r1))
+        r2 = run_quantize(base / "release", base / "store2", "compression=none")
+        rows.append(("release -> store, no compression", src_bytes, r2))
+        r3 = run_quantize(base / "float", base / "store3", "embeddings=int8")
+        rows.append(("float attn + emb -> int8, int8 MoE carried", fsrc_bytes, r3))
+        # disk-bound rate for a job reading I bytes and writing O bytes sequentially
+        print(f"synthetic checkpoint: SLNCX, 1 layer + full embedding: {src_bytes / 1e9:.2f} GB "
+              f"(+ float variant {fsrc_bytes / 1e9:.2f} GB), generated in {gen_s:.0f} s")
+        print(f"raw disk: write {wbw / 1e9:.2f} GB/s (fsync), read {rbw / 1e9:.2f} GB/s "
+              f"({'page cache dropped' if dropped else 'cache NOT dropped: reads may be cached'})")
+        print(f"{'job':<48} {'in GB':>7} {'out GB':>7} {'s':>6} {'GB/s in':>8} {'disk-bound GB/s':>15} {'% of disk':>9} {'peak RSS':>9}")
+        for name, nbytes, r in rows:
+            out_b = r["out_bytes_on_disk"]
+            bound = nbytes / (nbytes / rbw + out_b / wbw)  # read then write, no overlap
+            rate = nbytes / r["seconds"]
+            print(f"{name:<48} {nbytes / 1e9:>7.2f} {out_b / 1e9:>7.2f} {r['seconds']:>6.1f} {rate / 1e9:>8.2f} "
+                  f"{bound / 1e9:>15.2f} {100 * rate / bound:>8.0f}% {r['rss'] / 1e9:>7.2f} GB")
+        g = {x["group"]: x for x in r3["groups"]}
+        for k in ("embeddings", "multi_head_attention/query/w"):
+            if k in g:
+                print(f"  error {k}: RMSE {g[k]['rmse']:.3g}, SNR {g[k]['snr_db']:.1f} dB, max {g[k]['max_abs']:.3g}")
+    finally:
+        if not a.keep:
+            shutil.rmtree(base, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
