@@ -190,6 +190,8 @@ def fetch_from(
                 if size is None or offset >= size:
                     break
                 raise TransientError(f"connection closed at byte {offset} of {size}")
+            except AccessError as e:
+                raise AccessError(f"{name}: {e}", e.status) from None
             except TransientError as e:
                 failures = 1 if got else failures + 1
                 if failures > retries:

@@ -13,9 +13,11 @@ Fault injection (set the attributes of `server.faults` before or between request
   corrupt.add(path)     serve other bytes than the advertised sha256 (same size)
   token                 when set, the API and resolve need "Authorization: Bearer <token>" (401 otherwise)
   ignore_range          answer 200 with the whole body to Range requests
+  stall_after[path] = n the next GET of `path` sends n body bytes then hangs until the server stops
+                        (to kill -9 a client mid-file)
 
 Accounting: `server.bytes_served[path]` (body bytes written), `server.requests` (method, url path,
-Range header, status) and `server.gets(path)`.
+Range header, status, whether an Authorization header came, port) and `server.gets(path)`.
 
     with HubServer({"ckpt-0/tensor00000_000": b"..."}, repo="xai-org/slncx") as hub:
         hub.url  # http://127.0.0.1:PORT
@@ -64,6 +66,7 @@ class Faults:
     corrupt: set = field(default_factory=set)
     token: str | None = None
     ignore_range: bool = False
+    stall_after: dict = field(default_factory=dict)
 
 
 class HubServer:
@@ -94,6 +97,7 @@ class HubServer:
         self._cdn = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
         for s in (self._httpd, self._cdn):
             s.daemon_threads = True
+        self.stopping = threading.Event()
 
     # --- lifecycle --------------------------------------------------------------------------------
     @property
@@ -108,10 +112,11 @@ class HubServer:
 
     def start(self) -> "HubServer":
         for s in (self._httpd, self._cdn):
-            threading.Thread(target=s.serve_forever, daemon=True).start()
+            threading.Thread(target=s.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
         return self
 
     def stop(self) -> None:
+        self.stopping.set()
         for s in (self._httpd, self._cdn):
             s.shutdown()
             s.server_close()
@@ -207,8 +212,17 @@ def _handler(hub: HubServer):
                 self.send_header(k, v)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
-            hub.record(self.command, urlsplit(self.path).path, self.headers.get("Range"), status)
+            hub.record(self.command, urlsplit(self.path).path, self.headers.get("Range"), status,
+                       "Authorization" in self.headers, self.server.server_address[1])
             if head or not body:
+                return
+            stall = hub.take_fault(hub.faults.stall_after, path) if path else None
+            if stall is not None and stall < len(body):
+                self.wfile.write(body[:stall])
+                self.wfile.flush()
+                hub.served(path, stall)
+                hub.stopping.wait(60)
+                self.close_connection = True
                 return
             drop = hub.take_fault(hub.faults.drop_after, path) if path else None
             if drop is not None and drop < len(body):
