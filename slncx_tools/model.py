@@ -1,0 +1,267 @@
+"""The SLNCX model as pure JAX functions over a params pytree (SPEC §4). No Haiku, no Flax.
+
+Params pytree (built by `load.load_params`; layer weights stacked on a leading layer axis in
+numeric layer order 0..L-1, keyed by their parameter-table name):
+
+    {"embeddings": f32 [V, D],             # tied input/output embedding
+     "final_norm": f32 [D],
+     "layers": {"moe/linear/w": QWeight | bf16 [L, E, D, F], ..., "router/w": f32 [L, D, E]}}
+
+A quantized weight is a `QWeight(values int8 [..., in, out], scales [..., R, out])`; `matmul`
+dequantizes it (bf16(q) · bf16(s), one scale row per in/R input rows) right before the dot, one
+layer (or one expert) at a time, so no float copy of the whole model ever exists.
+
+`forward(params, tokens, cfg, cache)` is the whole model: prefill (many tokens) and decode (one
+token per row) are the same code. Layers run under `jax.lax.scan`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .config import ModelConfig
+
+BF16 = jnp.bfloat16
+F32 = jnp.float32
+NEG_INF = -1e30  # the reference's mask value (finite: a fully masked row gives a uniform softmax, not NaN)
+
+
+# --- int8 weights -------------------------------------------------------------------------------
+@partial(jax.tree_util.register_dataclass, data_fields=["values", "scales"], meta_fields=[])
+@dataclasses.dataclass
+class QWeight:
+    """int8 `values` [..., in, out] with `scales` [..., R, out]; R divides `in` (SPEC §3)."""
+
+    values: jax.Array
+    scales: jax.Array
+
+    @property
+    def shape(self):
+        return self.values.shape
+
+    def __getitem__(self, index):  # one layer / one expert: index the leading axes of both
+        return QWeight(self.values[index], self.scales[index])
+
+
+def dequantize(w, dtype=BF16) -> jax.Array:
+    """A weight as `dtype`: bf16(q) · s (the reference's dequantization; exact in float32)."""
+    if not isinstance(w, QWeight):
+        return w.astype(dtype)
+    rows, blocks = w.values.shape[-2], w.scales.shape[-2]
+    # Scales stay [..., R, out] (replicated along rows on any mesh); repeating them over their
+    # rows/R input rows is a broadcast that XLA fuses into the product.
+    scales = jnp.repeat(w.scales, rows // blocks, axis=-2)  # [..., R, out] -> [..., in, out]
+    return (w.values.astype(F32) * scales.astype(F32)).astype(dtype)
+
+
+def matmul(x: jax.Array, w, dtype=BF16) -> jax.Array:
+    """x [..., in] @ weight [in, out] -> [..., out], computed in `dtype` (a QWeight is
+    dequantized first, one layer or one expert at a time)."""
+    return jnp.einsum("...i,io->...o", x.astype(dtype), dequantize(w, dtype))
+
+
+# --- KV cache -----------------------------------------------------------------------------------
+@partial(jax.tree_util.register_dataclass, data_fields=["k", "v", "valid", "count", "length"], meta_fields=[])
+@dataclasses.dataclass
+class KVCache:
+    """Keys/values for S slots. All rows write slot `length` next; each row counts its own real
+    (non-pad) tokens, which is its next RoPE position, and `valid` masks its pad slots."""
+
+    k: jax.Array  # [L, B, S, K, hd] (after RoPE)
+    v: jax.Array  # [L, B, S, K, hd]
+    valid: jax.Array  # bool [B, S]: slot holds a real token of that row
+    count: jax.Array  # int32 [B]: real tokens seen per row
+    length: jax.Array  # int32 []: slots used (same for every row)
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[2]
+
+
+def init_cache(cfg: ModelConfig, batch: int, capacity: int, dtype=F32) -> KVCache:
+    """An empty cache of `capacity` slots (keys/values stored in `dtype`)."""
+    shape = (cfg.num_layers, batch, capacity, cfg.num_kv_heads, cfg.key_size)
+    return KVCache(
+        k=jnp.zeros(shape, dtype),
+        v=jnp.zeros(shape, dtype),
+        valid=jnp.zeros((batch, capacity), bool),
+        count=jnp.zeros((batch,), jnp.int32),
+        length=jnp.zeros((), jnp.int32),
+    )
+
+
+# --- blocks -------------------------------------------------------------------------------------
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float, dtype=BF16) -> jax.Array:
+    """float32 RMSNorm with the scale applied in float32, cast back to the activation dtype."""
+    xf = x.astype(F32)
+    normed = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + eps)
+    return (scale.astype(F32) * normed).astype(dtype)
+
+
+def rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
+    """Rotate-half RoPE in float32. x: [B, T, heads, hd]; positions: [B, T] (float32)."""
+    hd = x.shape[-1]
+    inv_freq = 1.0 / (base ** (jnp.arange(0, hd, 2, dtype=F32) / hd))  # [hd/2]
+    phase = positions[:, :, None] * inv_freq  # [B, T, hd/2]
+    phase = jnp.concatenate([phase, phase], axis=-1)[:, :, None, :]  # [B, T, 1, hd]
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return (x * jnp.cos(phase) + rotated * jnp.sin(phase)).astype(x.dtype)
+
+
+def attention(p: dict, x, k_all, v_all, layer, positions, mask, start, cfg: ModelConfig, dt=BF16):
+    """Grouped-query attention over the cache. x: bf16 [B, T, D]; k_all/v_all: the whole cache
+    [L, B, S, K, hd] (this layer's new keys are written at slot `start`); mask: bool [B, T, S]."""
+    B, T, _ = x.shape
+    H, K, hd = cfg.num_q_heads, cfg.num_kv_heads, cfg.key_size
+    q = matmul(x, p["multi_head_attention/query/w"], dt).reshape(B, T, H, hd)
+    k = matmul(x, p["multi_head_attention/key/w"], dt).reshape(B, T, K, hd)
+    v = matmul(x, p["multi_head_attention/value/w"], dt).reshape(B, T, K, hd)
+    q = rope(q, positions, cfg.rope_base)
+    k = rope(k, positions, cfg.rope_base)
+    k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), (layer, 0, start, 0, 0))
+    v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), (layer, 0, start, 0, 0))
+    keys, values = k_all[layer].astype(dt), v_all[layer].astype(dt)  # [B, S, K, hd]
+    q = q.reshape(B, T, K, H // K, hd)  # query head h uses kv head h // (H/K)
+    logits = jnp.einsum("btkgd,bskd->bkgts", q, keys).astype(F32)  # [B, K, G, T, S]
+    logits = logits * cfg.attn_output_multiplier
+    cap = cfg.logit_soft_cap
+    logits = cap * jnp.tanh(logits / cap)
+    logits = jnp.where(mask[:, None, None], logits, NEG_INF)
+    weights = jax.nn.softmax(logits, axis=-1).astype(dt)
+    out = jnp.einsum("bkgts,bskd->btkgd", weights, values).reshape(B, T, H * hd)
+    return matmul(out, p["multi_head_attention/linear/w"], dt), k_all, v_all
+
+
+def route(router_w: jax.Array, x: jax.Array, k: int):
+    """float32 router: softmax over experts, top-k probabilities NOT renormalised. x: [N, D]."""
+    probs = jax.nn.softmax(jnp.dot(x.astype(F32), router_w.astype(F32)), axis=-1)  # [N, E]
+    return jax.lax.top_k(probs, k)  # gates f32 [N, k], experts int32 [N, k]
+
+
+def expert_mlp(p: dict, e, x: jax.Array, dt=BF16) -> jax.Array:
+    """One expert e on rows x [n, D] -> float32 [n, D], with the reference's dtypes:
+    `dt` matmuls for the two up projections, gelu(tanh) and product in f32, f32 down matmul."""
+    h_w = matmul(x, p["moe/linear/w"][e], dt).astype(F32)  # [n, F]
+    h_v = matmul(x, p["moe/linear_v/w"][e], dt).astype(F32)  # [n, F]
+    act = h_v * jax.nn.gelu(h_w, approximate=True)
+    return jnp.dot(act, dequantize(p["moe/linear_1/w"][e]).astype(F32))  # [n, D]
+
+
+def _combine(gates, out, dt):
+    """Gate-weighted sum in float32 (gates rounded to `dt` first), cast to `dt`."""
+    return jnp.sum(out * gates.astype(dt).astype(F32)[..., None], axis=1).astype(dt)
+
+
+def moe_grouped(p: dict, x: jax.Array, cfg: ModelConfig, dt=BF16, tile: Optional[int] = None) -> jax.Array:
+    """Top-k MoE computing only the selected experts: sort the (token, expert) assignments by
+    expert, pad each expert's group to a multiple of `tile` rows, and run one expert per tile.
+    x: [N, D] -> `dt` [N, D]. Exact (no capacity drops); work ≈ N·k rows + ≤ E·tile pad."""
+    N, D = x.shape
+    E, k = cfg.num_experts, cfg.num_selected_experts
+    gates, experts = route(p["router/w"], x, k)
+    A = N * k  # assignments
+    if tile is None:  # one row per tile when decoding; bigger tiles for prefill
+        tile = int(min(128, max(1, 2 ** int(np.ceil(np.log2(max(A // (2 * E), 1)))))))
+    flat = experts.reshape(A)
+    order = jnp.argsort(flat, stable=True)  # [A] assignment ids sorted by expert
+    e_sorted = flat[order]
+    counts = jnp.bincount(flat, length=E)  # [E]
+    padded = (counts + tile - 1) // tile * tile
+    pad_end = jnp.cumsum(padded)
+    rank = jnp.arange(A) - (jnp.cumsum(counts) - counts)[e_sorted]  # position within the group
+    dest = (pad_end - padded)[e_sorted] + rank  # [A] row of each sorted assignment
+    n_tiles = (A + min(E, A) * (tile - 1)) // tile  # an upper bound on sum(ceil(counts / tile))
+    rows = jnp.zeros((n_tiles * tile, D), dt).at[dest].set(x[order // k].astype(dt))
+    tile_expert = jnp.searchsorted(pad_end, jnp.arange(n_tiles) * tile, side="right")  # [n_tiles]
+
+    def one_tile(args):
+        xt, e = args  # [tile, D], expert id (E = unused tile)
+        return jax.lax.cond(
+            e < E, lambda: expert_mlp(p, jnp.minimum(e, E - 1), xt, dt), lambda: jnp.zeros((tile, D), F32)
+        )
+
+    y = jax.lax.map(one_tile, (rows.reshape(n_tiles, tile, D), tile_expert))  # [n_tiles, tile, D]
+    y = y.reshape(n_tiles * tile, D)
+    out = jnp.zeros((A, D), F32).at[order].set(y[dest]).reshape(N, k, D)
+    return _combine(gates, out, dt)
+
+
+def moe_dense(p: dict, x: jax.Array, cfg: ModelConfig, dt=BF16) -> jax.Array:
+    """The reference's way: every expert on every token, then select. A baseline, and a check."""
+    N, D = x.shape
+    gates, experts = route(p["router/w"], x, cfg.num_selected_experts)
+    all_out = jax.vmap(lambda e: expert_mlp(p, e, x, dt))(jnp.arange(cfg.num_experts))  # [E, N, D]
+    out = jnp.take_along_axis(all_out.transpose(1, 0, 2), experts[..., None], axis=1)  # [N, k, D]
+    return _combine(gates, out, dt)
+
+
+MOE_IMPLS = {"grouped": moe_grouped, "dense": moe_dense}
+
+
+# --- the model ----------------------------------------------------------------------------------
+# Activation dtype. The reference (jax 0.4.25 on CPU) casts activations to bf16 as SPEC §4 says,
+# but XLA's excess-precision passes remove most of those casts inside its fused program, so its
+# numbers are those of float32 activations over bf16-valued weights: `REFERENCE_DTYPE` reproduces
+# them (SPEC §6 parity; this includes the f32 embedding table in and out); `jnp.bfloat16` rounds every activation as written (faster on accelerators).
+REFERENCE_DTYPE = F32
+
+
+def embed(params: dict, tokens: jax.Array, cfg: ModelConfig, dt=REFERENCE_DTYPE) -> jax.Array:
+    x = params["embeddings"][tokens].astype(dt)  # f32 table rows [B, T, D]
+    return x * jnp.asarray(cfg.embedding_multiplier_scale, BF16).astype(dt)
+
+
+def unembed(params: dict, h: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """Final-normed h [..., D] -> bf16 logits [..., V] (tied embedding, × output multiplier)."""
+    logits = jnp.einsum("...d,vd->...v", h, params["embeddings"].astype(h.dtype))
+    return (logits * jnp.asarray(cfg.output_multiplier_scale, BF16).astype(h.dtype)).astype(BF16)
+
+
+def forward_hidden(params: dict, tokens: jax.Array, cfg: ModelConfig, cache: Optional[KVCache] = None, *, moe: str = "grouped", dtype=REFERENCE_DTYPE):
+    """Run the decoder on tokens [B, T] after `cache` (a fresh cache of T slots when None).
+    Returns the final-normed hidden states [B, T, D] (in `dtype`) and the updated cache."""
+    B, T = tokens.shape
+    dt = dtype
+    if cache is None:
+        cache = init_cache(cfg, B, T, dt)
+    real = tokens != cfg.pad_token  # [B, T]
+    start = cache.length
+    # A row's position = its real tokens so far: pads (left or right) do not shift positions.
+    positions = (cache.count[:, None] + jnp.cumsum(real, axis=1) - 1).clip(min=0).astype(F32)
+    valid = jax.lax.dynamic_update_slice(cache.valid, real, (0, start))  # [B, S]
+    slot = jnp.arange(cache.capacity)  # [S]
+    causal = slot[None, :] <= (start + jnp.arange(T))[:, None]  # [T, S]
+    mask = causal[None] & valid[:, None, :]  # [B, T, S]
+    moe_fn = MOE_IMPLS[moe]
+    eps = cfg.rms_eps
+
+    def layer_step(carry, p):
+        h, k_all, v_all, i = carry
+        a, k_all, v_all = attention(p, rms_norm(h, p["rms_norm/scale"], eps, dt), k_all, v_all, i, positions, mask, start, cfg, dt)
+        h = h + rms_norm(a, p["rms_norm_1/scale"], eps, dt)
+        m = moe_fn(p, rms_norm(h, p["rms_norm_2/scale"], eps, dt).reshape(B * T, -1), cfg, dt).reshape(B, T, -1)
+        h = h + rms_norm(m, p["rms_norm_3/scale"], eps, dt)
+        return (h, k_all, v_all, i + 1), None
+
+    h = embed(params, tokens, cfg, dt)
+    (h, k_all, v_all, _), _ = jax.lax.scan(layer_step, (h, cache.k, cache.v, jnp.int32(0)), params["layers"])
+    h = rms_norm(h, params["final_norm"], eps, dt)
+    new_cache = KVCache(k_all, v_all, valid, cache.count + real.sum(axis=1, dtype=jnp.int32), start + T)
+    return h, new_cache
+
+
+def forward(params: dict, tokens: jax.Array, cfg: ModelConfig, cache: Optional[KVCache] = None, *, moe: str = "grouped", dtype=REFERENCE_DTYPE):
+    """tokens int32 [B, T] (pad = 0) -> (bf16 logits [B, T, V], updated KVCache).
+
+    Prefill and decode are this same function: pass the cache returned by the previous call.
+    `moe`: "grouped" (only the selected experts) or "dense" (all experts, the reference's way).
+    `dtype`: activation dtype (REFERENCE_DTYPE = float32 for parity, or jnp.bfloat16)."""
+    h, cache = forward_hidden(params, tokens, cfg, cache, moe=moe, dtype=dtype)
+    return unembed(params, h, cfg), cache
