@@ -187,9 +187,9 @@ def fetch_from(
                             break
                         if stop is not None and stop.is_set():
                             raise Cancelled(f"{name}: stopped at byte {offset}; rerun to resume")
-                if size is None or offset >= size:
-                    break
-                raise TransientError(f"connection closed at byte {offset} of {size}")
+                if size is None or offset >= size or not got:
+                    break  # complete, or the source has nothing after `offset`: the checks below decide
+                raise TransientError(f"connection closed at byte {offset} of {size}")  # resume from here
             except AccessError as e:
                 raise AccessError(f"{name}: {e}", e.status) from None
             except TransientError as e:

@@ -138,9 +138,10 @@ class HubServer:
 
     def gets(self, path: str) -> list:
         """(range header, status) of each GET that delivered or refused `path`'s bytes."""
-        sha = self.meta[path]["sha256"]
-        targets = {f"/{self.repo}/resolve/{self.commit}/{path}", f"/cdn/{sha}"}
-        return [(r[2], r[3]) for r in self.requests if r[0] == "GET" and r[1] in targets and r[3] != 302]
+        cdn = f"/cdn/{self.meta[path]['sha256']}"
+        resolve = re.compile(rf"/{re.escape(self.repo)}/resolve/[^/]+/{re.escape(path)}")
+        return [(r[2], r[3]) for r in self.requests
+                if r[0] == "GET" and (r[1] == cdn or resolve.fullmatch(r[1])) and r[3] != 302]
 
     def total_served(self) -> int:
         return sum(self.bytes_served.values())
