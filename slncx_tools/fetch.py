@@ -29,7 +29,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, ContextManager, Iterable, Optional
+from typing import Callable, ContextManager, Optional
 
 from .errors import ChecksumError, DownloadError
 from .progress import ProgressFn
@@ -123,6 +123,7 @@ def fetch_from(
     """
     dest = Path(dest)
     name = name or dest.name
+    sha256 = sha256 or None  # an unset pin ("" from an empty environment variable) means no pin
     retries = RETRIES if retries is None else retries
     partial = incomplete_path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -345,6 +346,7 @@ def cached_download(
     given it is checked on download, and a cached copy recorded with another digest is fetched again
     (the pin changed). A failed or interrupted download never leaves a file at the returned path.
     """
+    sha256 = sha256 or None  # e.g. os.environ.get("TOKENIZER_SHA256") set to ""
     path = cached_path(url, cache_dir)
     sidecar = path.with_name(path.name + ".sha256")
     if path.exists() and sidecar.exists():

@@ -26,7 +26,7 @@ import os
 import shutil
 import threading
 import time
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Protocol, Sequence
@@ -126,7 +126,10 @@ class HubSource:
                 break
             except (HfHubHTTPError, httpx2.TransportError) as e:
                 status = getattr(getattr(e, "response", None), "status_code", None)
-                transient = status is None and isinstance(e, httpx2.TransportError) or status in (408, 429) or (status or 0) >= 500
+                if status is None:
+                    transient = isinstance(e, httpx2.TransportError)  # reset, timeout, refused
+                else:
+                    transient = status in (408, 429) or status >= 500
                 failures += 1
                 if not transient or failures > fetch.RETRIES:
                     raise _hub_error(e, f"listing {what}") from None

@@ -307,3 +307,19 @@ def test_test_hub_also_serves_huggingface_hub(server, repo_files, tmp_path):
                             allow_patterns=["ckpt-0/tensor0000*", "*.md"])
     assert (Path(out) / BIG).read_bytes() == repo_files[BIG]
     assert (Path(out) / "README.md").read_bytes() == repo_files["README.md"]
+
+
+def test_unreachable_hub_and_offline_mode_are_explicit_failures(server, tmp_path, monkeypatch):
+    """Unlike snapshot_download, a failed listing never looks like success, even with files present."""
+    import huggingface_hub.constants as c
+
+    dest = tmp_path / "d"
+    (dest / "ckpt-0").mkdir(parents=True)
+    (dest / "ckpt-0" / "tensor00000_000").write_bytes(b"old")
+    monkeypatch.setattr(fetch, "RETRIES", 1)
+    r = CliRunner().invoke(cli, ["download", "--endpoint", "http://127.0.0.1:9", "--dest", str(dest)])
+    assert r.exit_code == 1 and "listing xai-org/slncx@main: ConnectError" in str(r.exception)
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    r = run(server, dest)
+    assert r.exit_code == 1 and "offline mode is on" in str(r.exception)
+    assert server.requests == []
