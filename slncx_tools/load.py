@@ -1,14 +1,35 @@
 """Put a checkpoint's parameters on devices as the model's params pytree (see model.py).
 
-`load_params(ckpt, mesh)` reads each tensor through the checkpoint interface (checkpoint.py),
-stacks the per-layer tensors in numeric layer order and places them with the table's shardings.
-This simple version reads whole tensors on the host; a per-device reader (make_array_from_callback
-over `ckpt.read_part` slabs) can replace `_place` without changing the signature.
+`load_params(ckpt, mesh)` loads any store (resharded or not) or a release ckpt-0 onto a
+`jax.sharding.Mesh` as global `jax.Array`s with NamedSharding. Per-layer tensors are stacked in
+numeric layer order on a leading (replicated) layer axis. Each device's piece is read straight from
+disk for that device only (`ckpt.read_part` slab reads: positioned reads of a release pickle, or the
+chunks of a store; for a store written by `reshard` for this mesh, exactly one chunk per array per
+device), so no host ever holds a full tensor. A piece replicated over several local devices (norms,
+or a weight sharded over "model" only on a mesh with a data axis) is read once and copied to each.
+
+Quantized weights load as `QWeight(values, scales)`. Scales [..., R, out] with R > 1 are split like
+their weight's rows and re-gridded exactly, as `reshard` does (reshard.regrid_blocks): on a row axis
+finer than R each block's scale is repeated (R' = lcm(R, k)), on a coarser one a device holds R/k
+blocks; per-channel scales (R = 1) are never split. The model dequantizes any R'.
+
+Multi-process JAX (several hosts). Every process runs the same code::
+
+    jax.distributed.initialize()                # coordinator address, process count and id
+    mesh = make_mesh("8x2")                     # the same global mesh over jax.devices()
+    params = load_params(open_checkpoint(path), mesh)
+
+Each process builds the same global arrays, but only its addressable devices' pieces are read
+(`sharding.addressable_devices_indices_map`), then assembled with
+`jax.make_array_from_single_device_arrays`; no process reads another's chunks. `jax.devices()` lists
+devices process by process, so with `reshard --hosts N` host h's chunk list in the manifest is
+exactly what process h reads. Without a mesh (`mesh=None`) everything goes to the default device.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Optional
 
 import ml_dtypes
@@ -106,9 +127,131 @@ def quantized_names(params: dict) -> dict:
 
 def load_params(ckpt, mesh=None, *, progress: ProgressFn = null_progress) -> dict:
     """Read `ckpt` (anything with the open_checkpoint interface) into a device params pytree,
-    sharded over `mesh` by the parameter table (one default device when mesh is None)."""
-    params = host_params(ckpt, progress)
-    return _place(params, ckpt.config, mesh)
+    sharded over `mesh` by the parameter table (one default device when mesh is None). With a mesh,
+    each device's piece is read from disk for that device only (see the module docstring)."""
+    if mesh is None or not hasattr(ckpt, "read_part"):
+        params = host_params(ckpt, progress)
+        return _place(params, ckpt.config, mesh)
+    return load_sharded(ckpt, mesh, progress=progress)
+
+
+def load_sharded(ckpt, mesh, *, progress: ProgressFn = null_progress, workers: int = 8) -> dict:
+    """The per-device loader: global arrays on `mesh` (a jax Mesh or a mesh string), each addressable
+    device's piece read by `workers` threads. Host memory peaks at about `workers` device pieces of
+    one (stacked) weight."""
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from .model import QWeight
+    from .reshard import MeshShape, layout_of, source_kind
+    from .reshard import source_parts as parts_of
+
+    if isinstance(mesh, str):
+        from .mesh import make_mesh
+
+        mesh = make_mesh(mesh)
+    cfg, table = ckpt.config, ckpt.table
+    sizes = MeshShape.parse(mesh).sizes
+    full = param_table(cfg)
+    if len(table) != len(full):
+        missing = sorted({e.path for e in full} - {e.path for e in table})
+        raise StructureError(f"{getattr(ckpt, 'dir', ckpt)}: missing {len(missing)} tensors, e.g. {missing[0]}")
+    kinds, lays = {}, {}
+    for e in table:  # validates the whole mesh before reading anything (MeshError)
+        parts = parts_of(ckpt, e)
+        kinds[e.path] = source_kind(ckpt, e, parts)
+        if kinds[e.path] == "int8_rows":
+            raise StructureError(f"{e.path}: per-row int8 embeddings are not supported by the model loader")
+        lays[e.path] = layout_of(e, parts, kinds[e.path], sizes)
+
+    leaves = []  # (pytree slot, [entries], part, layout, loaded dtype, stacked)
+    by_name = {e.name: e for e in table if e.layer is None}
+    for name in ("embeddings", "final_norm"):
+        e = by_name[name]
+        leaves.append(((name,), [e], "array", lays[e.path]["array"], np.dtype(np.float32), False))
+    for name in LAYER_PARAM_NAMES:
+        entries = layer_entries(table, name)
+        ks = {kinds[e.path] for e in entries}
+        if len(ks) > 1:
+            raise StructureError(f"{name}: some layers are quantized and some are not")
+        if ks == {"int8"}:
+            blocks = {lays[e.path]["scales"].source_blocks for e in entries}
+            if len(blocks) > 1:
+                raise StructureError(f"{name}: layers use different scale row blocks {sorted(blocks)}")
+            for part in ("weight", "scales"):
+                lay = lays[entries[0].path][part]
+                leaves.append((("layers", name, part), entries, part, lay, lay.dtype, True))
+        else:
+            dtype = np.dtype(np.float32) if name in KEEP_F32 else BF16
+            leaves.append((("layers", name), entries, "array", lays[entries[0].path]["array"], dtype, True))
+
+    # one task per (leaf, distinct piece on this process's devices)
+    tasks = []
+    for li, (_slot, entries, part, lay, dtype, stacked) in enumerate(leaves):
+        shape = ((len(entries),) if stacked else ()) + tuple(lay.shape)
+        spec = PartitionSpec(*(((None,) if stacked else ()) + tuple(lay.partition)))
+        sharding = NamedSharding(mesh, spec)
+        pieces: dict = {}
+        for device, index in sharding.addressable_devices_indices_map(shape).items():
+            key = tuple(slice(*s.indices(n)[:2]) for s, n in zip(index, shape))
+            pieces.setdefault(tuple((s.start, s.stop) for s in key), (key, []))[1].append(device)
+        tasks.append((li, shape, sharding, list(pieces.values())))
+    total = sum(int(np.prod([s.stop - s.start for s in key], dtype=np.int64)) * leaves[li][4].itemsize
+                for li, _sh, _s, pieces in tasks for key, _d in pieces)
+    done = [0]
+    lock = threading.Lock()
+
+    def read_piece(li: int, key: tuple, devices: list):
+        _slot, entries, part, lay, dtype, stacked = leaves[li]
+        if stacked:
+            layers = range(key[0].start, key[0].stop)
+            out = np.empty(tuple(s.stop - s.start for s in key), dtype)
+            for i, layer in enumerate(layers):
+                out[i] = _read_slab(ckpt, entries[layer], part, lay, key[1:])
+        else:
+            out = _read_slab(ckpt, entries[0], part, lay, key).astype(dtype, copy=False)
+        arrays = [jax.device_put(out, d) for d in devices]
+        with lock:
+            done[0] += out.nbytes
+            progress(done[0], total, entries[0].path)
+        return arrays
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    progress(0, total, "")
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        futures = [[pool.submit(read_piece, li, key, devs) for key, devs in pieces] for li, _sh, _s, pieces in tasks]
+        built = []
+        for (li, shape, sharding, _p), fs in zip(tasks, futures):
+            arrays = [a for f in fs for a in f.result()]
+            built.append(jax.make_array_from_single_device_arrays(shape, sharding, arrays))
+
+    params: dict = {"layers": {}}
+    for (slot, *_rest), arr in zip(leaves, built):
+        if slot[0] != "layers":
+            params[slot[0]] = arr
+        elif len(slot) == 2:
+            params["layers"][slot[1]] = arr
+        else:
+            params["layers"].setdefault(slot[1], {})[slot[2]] = arr
+    for name, v in params["layers"].items():
+        if isinstance(v, dict):
+            params["layers"][name] = QWeight(v["weight"], v["scales"])
+    return params
+
+
+def _read_slab(ckpt, entry: ParamSpec, part: str, lay, index: tuple) -> np.ndarray:
+    """One device's slab of one part of one tensor; scales re-gridded from the stored R blocks."""
+    if not lay.regridded:
+        return ckpt.read_part(entry, part, index)
+    ax = len(lay.shape) - 2
+    f = lay.blocks // lay.source_blocks  # each stored block is f blocks of the new grid
+    start, stop = index[ax].start, index[ax].stop
+    s0, s1 = start // f, -(-stop // f)
+    s = ckpt.read_part(entry, part, index[:ax] + (slice(s0, s1),) + index[ax + 1 :])
+    s = np.repeat(s, f, axis=ax)  # [..., (s1-s0)·f, out]
+    off = start - s0 * f
+    return s[(slice(None),) * ax + (slice(off, off + stop - start),)]
 
 
 def _place(params: dict, cfg: ModelConfig, mesh: Optional[object]):
