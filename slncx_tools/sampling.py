@@ -161,11 +161,11 @@ class Generator:
                         max_new_tokens, cfg.sequence_len, longest, room)
             max_new_tokens = room
         B = len(prompts)
-        P = int(math.ceil(longest / 8) * 8)  # a few prompt-length buckets, not one compile per length
+        P = int(math.ceil(longest / 16) * 16)  # a few shape buckets, not one compile per length
         tokens = np.full((B, P), cfg.pad_token, np.int32)
         for b, p in enumerate(prompts):
             tokens[b, : len(p)] = p
-        capacity = P + max(max_new_tokens, 1)
+        capacity = int(math.ceil((P + max(max_new_tokens, 1)) / 64) * 64)  # slots, not positions
         settings = (jnp.float32(temperature), jnp.float32(top_p), jnp.int32(top_k), jnp.bool_(ignore_eos))
         key = jax.random.PRNGKey(seed)
         tokens = jnp.asarray(tokens)
