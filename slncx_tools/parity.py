@@ -142,6 +142,11 @@ def read_float(ckpt, entry, index) -> np.ndarray:
     """A slab (from `slabs`) of an entry as float32, dequantizing int8 (bf16 product)."""
     if not hasattr(ckpt, "read_part"):
         return _as_float(ckpt.read(entry))[index]
+    kind = ckpt.storage(entry)["kind"] if hasattr(ckpt, "storage") else None
+    if kind == "int8_rows":  # per-row int8 embeddings: one scale per row
+        values = ckpt.read_part(entry, "weight", index)
+        scales = ckpt.read_part(entry, "scales", index[:-1] + (slice(None),))
+        return QuantizedArray(values.T, scales.T).dequantize().T.astype(np.float32)
     blocks = ckpt.blocks(entry) if entry.quantized else 0
     if not blocks:
         return np.asarray(ckpt.read_part(entry, "array", index), dtype=np.float32)

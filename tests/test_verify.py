@@ -175,3 +175,21 @@ def test_cli_thresholds_decide_exit_code(tiny_dir):
     assert CliRunner().invoke(cli, args).exit_code == 0
     r = CliRunner().invoke(cli, args + ["--max-kld", "1e-9"])
     assert r.exit_code != 0 and "exceeds --max-kld" in str(r.exception)
+
+
+def test_weights_only_handles_per_row_int8_embeddings(tiny_dir, tmp_path):
+    from slncx_tools.checkpoint import open_checkpoint
+
+    out = tmp_path / "rows"
+    quantize_checkpoint(tiny_dir / "release_layout", out, QuantizeOptions(embeddings="int8"))
+    release = ReleaseCheckpoint(tiny_dir / "release_layout")
+    w = weight_errors(release, open_checkpoint(out))
+    emb = w["groups"]["embeddings"]
+    # independent: per-row absmax int8 of the float32 embedding table, bf16 scales, bf16 product
+    e = release.read(release.table[0])
+    s = (np.abs(e).max(axis=1, keepdims=True) / np.float32(127)).astype(BF16)
+    q = np.clip(np.rint(e / s.astype(np.float32)), -127, 127).astype(np.int8)
+    deq = (q.astype(BF16) * s).astype(np.float32)
+    assert emb["max_abs"] == pytest.approx(float(np.abs(deq - e).max()), rel=1e-6)
+    assert 35 < emb["snr_db"] < 60
+    assert all(w["groups"][k]["max_abs"] == 0 for k in w["groups"] if k != "embeddings")
