@@ -183,6 +183,7 @@ def layout_of(entry: ParamSpec, parts: dict, kind: str, sizes: dict) -> dict:
             new_blocks = regrid_blocks(blocks, k)
             shape = shape[:-2] + (new_blocks, shape[-1])
         partition = part_partition(entry, part, kind, new_blocks)
+        partition = partition + (None,) * (len(shape) - len(partition))  # router/w: (data,) on [D, E]
         check_divides(entry, part, shape, partition, sizes)
         out[part] = PartLayout(part, shape, np.dtype(dtype), partition, shard_shape(shape, partition, sizes), blocks, new_blocks)
     return out
@@ -193,7 +194,7 @@ def check_divides(entry: ParamSpec, part: str, shape, partition, sizes: dict) ->
     for dim, (n, spec) in enumerate(zip(shape, partition)):
         k = axes_size(spec, sizes)
         if n % k:
-            axes = mesh_axes_of(spec)
+            axes = [a for a in mesh_axes_of(spec) if sizes.get(a, 1) > 1]
             what = "*".join(axes) + f"={k}"
             name = entry.name if part in ("array", "weight") else f"{entry.name} {part}"
             where = ", every layer" if entry.layer is not None else ""
