@@ -1,4 +1,4 @@
-"""`slncx-tools download` against a hub on loopback (tests/hub_server.py): never the real network."""
+"""`slncx-tools download` against a hub on loopback (slncx_tools/localhub.py): never the real network."""
 
 import hashlib
 import json
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from hub_server import HubServer, files_from_dir
+from slncx_tools.localhub import HubServer, files_from_dir
 from slncx_tools import fetch, hub
 from slncx_tools.cli import cli
 from slncx_tools.config import TINY

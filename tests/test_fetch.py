@@ -4,7 +4,7 @@ import hashlib
 
 import pytest
 
-from hub_server import HubServer
+from slncx_tools.localhub import HubServer
 from slncx_tools import fetch
 from slncx_tools.errors import ChecksumError, DownloadError
 

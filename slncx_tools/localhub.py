@@ -1,5 +1,8 @@
 """A model hub on 127.0.0.1 that speaks enough of the hub's HTTP API for huggingface_hub 2.4.0.
 
+It serves the embedded checkpoint to `slncx-tools demo` (so the demo goes through the real
+download path without a network) and, with its fault injection, the download tests.
+
 Endpoints (what the real client and our downloader use, see ../shared/HUB.md):
   GET  /api/models/{repo}/revision/{rev}[?blobs=True]   model info: sha, siblings (size, blobId, lfs)
   GET  /api/models/{repo}/tree/{rev}[/{path}]            file list (recursive)
