@@ -1,0 +1,226 @@
+"""Benchmark loading onto 8 (fake CPU) devices on an 8-way model axis: a resharded store vs the
+release pickles loaded the original way.
+
+    .venv/bin/python benchmarks/bench_load.py [--dir /tmp/slncx-bench-load] [--keep]
+
+Data: one synthetic full-size SLNCX layer — the 12 tensors of decoder layer 0 with the SLNCX shapes
+(MoE int8 [8, 6144, 32768] × 3, attention int8, R = 8 / R = 1 bf16 scales, norms, router), written
+with `release.write_tensor` (about 4.9 GB), plus the two non-layer tensors of a vocab-8 config so the
+directory is a complete checkpoint. `reshard --mesh 8x1` turns it into a store (chunk = shard).
+
+Each method runs in a fresh subprocess (peak RSS from getrusage; bytes from /proc/self/io), after
+`sync; echo 3 > /proc/sys/vm/drop_caches` when we may (else the numbers are page-cached, and say so):
+
+- original: per file, copy it fully (to /dev/shm, as the original loader does), read it fully with
+  our safe reader (no unpickling of untrusted code), then `jax.device_put` with the NamedSharding,
+  which slices it per device;
+- resharded: `load_params(store, mesh)`: each device's piece read as its one chunk.
+
+"Read per device" is the bytes read to produce one device's data: a full file per tensor for the
+original approach, its own chunk for the resharded store.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import numpy as np  # noqa: E402
+
+NEED = 12 * 1024**3  # release + store on disk, with slack
+
+
+def config():
+    from slncx_tools.config import SLNCX
+
+    return SLNCX.replace(name="SLNCX-1L", vocab_size=8, num_layers=1)
+
+
+def generate(ckpt: Path) -> int:
+    """Write the synthetic layer as a release ckpt-0; returns its bytes."""
+    from slncx_tools.params import param_table
+    from slncx_tools.quant import BF16, QuantizedArray
+    from slncx_tools.release import write_tensor
+
+    cfg = config()
+    tmp = ckpt.with_name("ckpt-0.incomplete")
+    tmp.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for e in param_table(cfg):
+        if e.quantized:
+            q = rng.integers(-127, 128, size=e.shape, dtype=np.int8)
+            s = (rng.random(e.scales_shape(e.release_blocks), dtype=np.float32) * 0.01 + 1e-4).astype(BF16)
+            write_tensor(tmp / e.file, QuantizedArray(q, s))
+            del q
+        else:
+            write_tensor(tmp / e.file, rng.standard_normal(e.shape, dtype=np.float32))
+    (tmp / "config.json").write_text(json.dumps(cfg.to_dict()))
+    os.replace(tmp, ckpt)
+    return sum(p.stat().st_size for p in ckpt.iterdir())
+
+
+def io_counters() -> dict:
+    out = {}
+    with open("/proc/self/io") as f:
+        for line in f:
+            k, v = line.split(":")
+            out[k] = int(v)
+    return out
+
+
+def run_original(ckpt_dir: Path, shm: Path) -> dict:
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from slncx_tools.load import BF16 as _  # noqa: F401  (same imports as the loader)
+    from slncx_tools.mesh import make_mesh
+    from slncx_tools.release import ReleaseCheckpoint
+    from slncx_tools.reshard import MeshShape, layout_of, source_kind, source_parts
+
+    cfg = config()
+    mesh = make_mesh("8x1")
+    sizes = MeshShape.parse(mesh).sizes
+    shm.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(ckpt_dir / "tensor00000_000", shm / "tensor00000_000")  # the reader wants file 0 present
+    (shm / "config.json").write_text((ckpt_dir / "config.json").read_text())
+    headers = ReleaseCheckpoint(ckpt_dir, config=cfg)
+    arrays = []
+    per_device = 0
+    t0 = time.perf_counter()
+    for e in headers.table:
+        src = ckpt_dir / e.file
+        dst = shm / e.file
+        if e.index:
+            shutil.copyfile(src, dst)  # 1. copy the file fully
+        rc = ReleaseCheckpoint(shm, config=cfg)
+        parts = source_parts(rc, e)
+        lays = layout_of(e, parts, source_kind(rc, e, parts), sizes)
+        for part, lay in lays.items():
+            full = rc.read_part(e, part)  # 2. read it fully (the safe reader's full read)
+            per_device += full.nbytes
+            if lay.regridded:
+                continue
+            stacked = full[None] if e.layer is not None else full  # 3. slice per device: device_put
+            spec = PartitionSpec(*(((None,) if e.layer is not None else ()) + tuple(lay.partition)))
+            arrays.append(jax.device_put(stacked, NamedSharding(mesh, spec)))
+            del full, stacked
+        if e.index:
+            os.remove(dst)
+    jax.block_until_ready(arrays)
+    seconds = time.perf_counter() - t0
+    shutil.rmtree(shm, ignore_errors=True)
+    return {"seconds": seconds, "read_per_device": per_device, "arrays": len(arrays)}
+
+
+def run_resharded(store: Path) -> dict:
+    import jax
+
+    from slncx_tools.checkpoint import open_checkpoint
+    from slncx_tools.load import load_params
+    from slncx_tools.mesh import make_mesh
+    from slncx_tools import store as st
+
+    mesh = make_mesh("8x1")
+    ckpt = open_checkpoint(store)
+    t0 = time.perf_counter()
+    params = load_params(ckpt, mesh)
+    jax.block_until_ready(params)
+    seconds = time.perf_counter() - t0
+    host = st.read_manifest(store)["hosts"][0]
+    shard = {}
+    for c in host["chunks"]:
+        shard.setdefault(c["array"], c["bytes"])
+    # one device's chunks: one per array (8x1: every array is split over model or replicated)
+    return {"seconds": seconds, "read_per_device": sum(shard.values()), "requested": ckpt.bytes_read,
+            "arrays": len(jax.tree_util.tree_leaves(params))}
+
+
+def child(args) -> None:
+    before = io_counters()
+    if args.run == "original":
+        out = run_original(Path(args.ckpt), Path(args.shm))
+    else:
+        out = run_resharded(Path(args.store))
+    after = io_counters()
+    out["rchar"] = after["rchar"] - before["rchar"]
+    out["disk_read"] = after["read_bytes"] - before["read_bytes"]
+    out["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps(out))
+
+
+def drop_caches() -> bool:
+    try:
+        subprocess.run(["sync"], check=True)
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def gb(n) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dir", default="/tmp/slncx-bench-load")
+    ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--run", choices=["original", "resharded"])
+    ap.add_argument("--ckpt")
+    ap.add_argument("--store")
+    ap.add_argument("--shm")
+    args = ap.parse_args()
+    if args.run:
+        return child(args)
+
+    root = Path(args.dir)
+    root.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(root).free
+    if free < NEED:
+        sys.exit(f"need {gb(NEED)} free at {root}, have {gb(free)}")
+    ckpt, store = root / "ckpt-0", root / "store-8x1"
+    t = time.perf_counter()
+    size = sum(p.stat().st_size for p in ckpt.iterdir()) if ckpt.exists() else generate(ckpt)
+    print(f"synthetic layer: {gb(size)} in {ckpt} ({time.perf_counter() - t:.1f} s)", flush=True)
+    if not (store / "slncx.json").exists():
+        from slncx_tools.reshard import reshard_checkpoint
+
+        t = time.perf_counter()
+        shutil.rmtree(store, ignore_errors=True)
+        reshard_checkpoint(ckpt, store, "8x1")
+        print(f"reshard --mesh 8x1: {time.perf_counter() - t:.1f} s", flush=True)
+    shm = Path("/dev/shm/slncx-bench-load") if shutil.disk_usage("/dev/shm").free > 3 * 1024**3 else root / "copy"
+    results = {}
+    for method in ("original", "resharded"):
+        dropped = drop_caches()
+        cmd = [sys.executable, __file__, "--run", method, "--ckpt", str(ckpt), "--store", str(store), "--shm", str(shm)]
+        p = subprocess.run(cmd, capture_output=True, text=True)
+        if p.returncode:
+            sys.exit(f"{method} failed:\n{p.stderr[-3000:]}")
+        results[method] = dict(json.loads(p.stdout.strip().splitlines()[-1]), cold=dropped)
+    o, r = results["original"], results["resharded"]
+    print(f"\n{'method':<28} {'seconds':>8} {'read/device':>12} {'process rchar':>14} {'disk read':>10} {'peak RSS':>9} {'cache':>7}")
+    for name, x in (("release pickles (original)", o), ("resharded store 8x1", r)):
+        print(f"{name:<28} {x['seconds']:>8.2f} {gb(x['read_per_device']):>12} {gb(x['rchar']):>14} {gb(x['disk_read']):>10} "
+              f"{gb(x['peak_rss']):>9} {'cold' if x['cold'] else 'warm':>7}")
+    print(f"speed-up {o['seconds'] / r['seconds']:.1f}x, read per device {o['read_per_device'] / r['read_per_device']:.1f}x less, "
+          f"peak RSS {o['peak_rss'] / r['peak_rss']:.1f}x less; resharded bytes requested {gb(r['requested'])} "
+          f"(= the 8 devices' chunks)")
+    print(json.dumps(results))
+    if not args.keep:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
