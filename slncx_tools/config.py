@@ -104,7 +104,25 @@ TINY = ModelConfig(
     attn_output_multiplier=1 / math.sqrt(8),
 )
 
-PRESETS = {c.name: c for c in (SLNCX, TINY)}
+# The embedded model shipped in checkpoints/slncx-tiny (trained by scripts/train_tiny.py): the
+# SLNCX architecture (8 experts, top-2, grouped-query attention, RoPE, soft cap, multipliers) at a
+# laptop's scale; R = 8 row blocks divide its row-parallel inputs (256 and 176).
+SLNCX_TINY = ModelConfig(
+    name="SLNCX-TINY",
+    vocab_size=4096,
+    emb_size=128,
+    num_layers=4,
+    num_q_heads=8,
+    num_kv_heads=2,
+    key_size=32,
+    widening_factor=2,
+    num_experts=8,
+    num_selected_experts=2,
+    sequence_len=1024,
+    attn_output_multiplier=1 / math.sqrt(32),
+)
+
+PRESETS = {c.name: c for c in (SLNCX, TINY, SLNCX_TINY)}
 
 
 def preset(name: str) -> ModelConfig:
