@@ -2,11 +2,12 @@ import click
 
 
 @click.command()
-@click.argument("path", type=click.Path(exists=True, file_okay=False))
+@click.argument("path", required=False, type=click.Path(exists=True, file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the table as JSON.")
 @click.option("--check", is_flag=True, help="Report every problem found instead of stopping at the first.")
 def command(path, as_json, check):
-    """List the tensors of a checkpoint (ckpt-0 or store) from its headers alone.
+    """List the tensors of a checkpoint (ckpt-0 or store; default: the embedded slncx-tiny) from
+    its headers alone.
 
     Prints index, parameter path, logical shape, stored dtype, quantization and bytes for each
     tensor, the totals, and which config preset the shapes match. Reads only file headers, so it
@@ -18,6 +19,10 @@ def command(path, as_json, check):
     from ..errors import StructureError
     from ..summary import human_bytes, summarize
 
+    if path is None:
+        from ..embedded import embedded_dir
+
+        path = embedded_dir()
     ckpt = open_checkpoint(path)
     info = summarize(ckpt, check=check)
     if as_json:

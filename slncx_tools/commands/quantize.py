@@ -2,8 +2,7 @@ import click
 
 
 @click.command()
-@click.argument("source", type=click.Path(exists=True, file_okay=False))
-@click.argument("out", type=click.Path(file_okay=False))
+@click.argument("paths", nargs=-1, metavar="[SOURCE] OUT", type=click.Path(file_okay=False))
 @click.option("--requantize", is_flag=True, help="Collapse existing R-block scales into per-channel (R=1) scales.")
 @click.option("--scale-dtype", type=click.Choice(["bf16", "f32"]), default="bf16", show_default=True, help="dtype of newly computed scales.")
 @click.option("--include", multiple=True, metavar="REGEX", help="Only (re)quantize parameters whose path matches (repeatable); others are carried.")
@@ -17,15 +16,20 @@ import click
 @click.option("--dry-run", is_flag=True, help="Print the plan, bytes, estimated time and the free-space check; write nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def command(source, out, requantize, scale_dtype, include, exclude, method, embeddings, fmt, compression, workers,
+def command(paths, requantize, scale_dtype, include, exclude, method, embeddings, fmt, compression, workers,
             memory_budget, dry_run, as_json, no_progress):
-    """Convert SOURCE (a release ckpt-0 or its parent, or a complete store) into a store OUT.
+    """Convert SOURCE (a release ckpt-0 or its parent, or a complete store; default: the embedded
+    slncx-tiny) into a store OUT.
 
     int8 tensors are carried bit-exactly; float matrices become per-output-channel int8 (SPEC §3);
     norms and router stay float32. Interrupt at any time and rerun the same command to resume.
     """
     import json
     import math
+
+    from ._common import source_and_out
+
+    source, out = source_and_out(paths)
 
     from ..checkpoint import open_checkpoint
     from ..convert import QuantizeOptions, describe_plan, parse_bytes, plan, quantize_checkpoint

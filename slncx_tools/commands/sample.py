@@ -2,7 +2,7 @@ import click
 
 
 @click.command()
-@click.argument("checkpoint", type=click.Path(exists=True))
+@click.argument("checkpoint", required=False, type=click.Path(exists=True))
 @click.option("--prompt", "prompts", multiple=True, help="Prompt text; repeat for a batch.")
 @click.option("--prompt-file", type=click.File("r"), help="Read the prompt from a file ('-' = stdin).")
 @click.option("--tokens", "token_lists", multiple=True, help="Prompt as token ids, e.g. 1,2,3 (no tokenizer needed); repeat for a batch.")
@@ -16,7 +16,12 @@ import click
 @click.option("--ignore-eos", is_flag=True, help="Keep generating after eos.")
 @click.option("--json", "as_json", is_flag=True, help="Print ids, text, per-token probabilities and timing as JSON.")
 def command(checkpoint, prompts, prompt_file, token_lists, max_new_tokens, temperature, top_p, top_k, seed, mesh_spec, tokenizer_path, ignore_eos, as_json):
-    """Generate text from CHECKPOINT (a release ckpt-0 directory or a store), streaming it."""
+    """Generate text from CHECKPOINT (a release ckpt-0 directory or a store; default: the embedded
+    slncx-tiny model), streaming it.
+
+    \b
+    Example:  slncx-tools sample --prompt "def " --max-new-tokens 40
+    """
     import json
     import sys
 
@@ -31,6 +36,10 @@ def command(checkpoint, prompts, prompt_file, token_lists, max_new_tokens, tempe
     if prompts and token_lists:
         raise click.UsageError("use either text prompts or --tokens, not both")
 
+    if checkpoint is None:
+        from ..embedded import embedded_dir
+
+        checkpoint = embedded_dir()
     ckpt = open_checkpoint(checkpoint)
     cfg = ckpt.config
     tok = None

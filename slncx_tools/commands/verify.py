@@ -2,7 +2,7 @@ import click
 
 
 @click.command()
-@click.argument("path", type=click.Path(exists=True, file_okay=False))
+@click.argument("path", required=False, type=click.Path(exists=True, file_okay=False))
 @click.option("--sha256sums", type=click.Path(exists=True, dir_okay=False),
               help="Checksums in sha256sum format for a release ckpt-0 (default: its SHA256SUMS, written by download).")
 @click.option("--against", "reference", type=click.Path(exists=True, file_okay=False),
@@ -24,7 +24,8 @@ import click
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def command(path, sha256sums, reference, weights_only, prompts_file, random_tokens, seed, context, batch, mesh,
             tokenizer_path, max_kld, min_top1, workers, skip_checksums, as_json, quiet):
-    """Check a checkpoint (ckpt-0 or store): structure, checksums, values; and with --against,
+    """Check a checkpoint (ckpt-0 or store; default: the embedded slncx-tiny): structure,
+    checksums, values; and with --against,
     what quantization or resharding cost, measured through the model.
 
     \b
@@ -46,6 +47,10 @@ def command(path, sha256sums, reference, weights_only, prompts_file, random_toke
     from ..errors import SlncxError
     from ..progress import ClickBar
 
+    if path is None:
+        from ..embedded import embedded_dir
+
+        path = str(embedded_dir())
     if weights_only and not reference:
         raise click.UsageError("--weights-only needs --against REFERENCE")
     if skip_checksums and not reference:
