@@ -230,7 +230,7 @@ def main(argv=None) -> int:
         "train_tokens": int(len(train)), "validation_tokens": int(len(val)),
         "steps": args.steps, "batch": args.batch, "seq": args.seq, "lr": args.lr, "seed": args.seed,
         "tokens_seen": args.steps * args.batch * args.seq,
-        "first_loss": losses[0], "final_train_loss": float(np.mean(losses[-50:])),
+        "first_loss": losses[0], "last_loss": losses[-1], "final_train_loss": float(np.mean(losses[-50:])),
         "validation_loss": val_loss, "validation_perplexity": math.exp(val_loss),
         "train_seconds": round(train_s, 1), "total_seconds": round(time.time() - t0, 1),
         "losses_every_50": [float(np.mean(losses[i : i + 50])) for i in range(0, len(losses), 50)],
