@@ -193,3 +193,18 @@ def test_weights_only_handles_per_row_int8_embeddings(tiny_dir, tmp_path):
     assert emb["max_abs"] == pytest.approx(float(np.abs(deq - e).max()), rel=1e-6)
     assert 35 < emb["snr_db"] < 60
     assert all(w["groups"][k]["max_abs"] == 0 for k in w["groups"] if k != "embeddings")
+
+
+def test_resharded_store_against_its_source_is_exactly_zero(plain_store, tmp_path):
+    from slncx_tools.checkpoint import open_checkpoint
+    from slncx_tools.reshard import reshard_checkpoint
+
+    out = tmp_path / "s-4x2"
+    reshard_checkpoint(plain_store, out, "4x2")
+    assert check_checkpoint(out).ok
+    r = CliRunner().invoke(cli, ["verify", str(out), "--against", str(plain_store), "--weights-only", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["weights"]["exact"] is True
+    tokens = np.load(Path(__file__).parent / "data" / "tiny" / "reference_mesh8.npz")["tokens_long"]
+    p = logit_parity(open_checkpoint(plain_store), open_checkpoint(out), tokens)
+    assert p["kld"]["max"] == 0 and p["abs_delta_logit"]["max"] == 0 and p["top1_agreement"] == 1
