@@ -147,12 +147,7 @@ def _check_release(path: Path, sha256sums, workers: int, progress: ProgressFn) -
             problems.append(f"{file}: SHA-256 {digest} does not match {sums_file.name} ({expected}) — {entry.path}")
         return file.stat().st_size, problems
 
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        for nbytes, problems in pool.map(scan, readable):
-            report.arrays_hashed += 1
-            report.bytes_hashed += nbytes
-            report.problems += problems
-    return report
+    return _scan_all(report, scan, readable, workers)
 
 
 def _scan_release_file(path: Path, what: str, header, tick) -> tuple:
@@ -243,8 +238,13 @@ def _check_store(path: Path, workers: int, progress: ProgressFn) -> CheckReport:
             problems.append(f"{what}: {part} SHA-256 {h.hexdigest()} does not match the manifest ({info.get('sha256')})")
         return data_bytes(shape, itemsize), problems[:5]
 
+    return _scan_all(report, scan, jobs, workers)
+
+
+def _scan_all(report: CheckReport, scan, items: list, workers: int) -> CheckReport:
+    """Run `scan(item) -> (bytes hashed, problems)` over items on `workers` threads; add to report."""
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        for nbytes, problems in pool.map(scan, jobs):
+        for nbytes, problems in pool.map(scan, items):
             report.arrays_hashed += 1
             report.bytes_hashed += nbytes
             report.problems += problems
