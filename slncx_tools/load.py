@@ -12,6 +12,9 @@ Quantized weights load as `QWeight(values, scales)`. Scales [..., R, out] with R
 their weight's rows and re-gridded exactly, as `reshard` does (reshard.regrid_blocks): on a row axis
 finer than R each block's scale is repeated (R' = lcm(R, k)), on a coarser one a device holds R/k
 blocks; per-channel scales (R = 1) are never split. The model dequantizes any R'.
+Per-row int8 embeddings (store kind "int8_rows", `quantize --embeddings int8`) load as
+`model.QEmbedding(values int8 [V, D], scales [V, 1])`: values split like the float table, scales
+replicated (their size-1 dimension is never split).
 
 Multi-process JAX (several hosts). Every process runs the same code::
 
@@ -39,7 +42,7 @@ from .config import ModelConfig
 from .errors import StructureError
 from .params import LAYER_PARAM_NAMES, ParamSpec, layer_entries, param_table
 from .progress import ProgressFn, null_progress
-from .quant import QuantizedArray
+from .quant import QuantizedArray, RowQuantizedArray
 
 log = logging.getLogger(__name__)
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -64,7 +67,7 @@ class ArrayCheckpoint:
         if entry.path not in self.arrays:
             raise StructureError(f"arrays: missing {entry.path}")
         value = self.arrays[entry.path]
-        if not isinstance(value, QuantizedArray):
+        if not isinstance(value, (QuantizedArray, RowQuantizedArray)):
             value = np.asarray(value)
             if tuple(value.shape) != tuple(entry.shape):
                 raise StructureError(f"arrays: {entry.path} has shape {list(value.shape)}, expected {list(entry.shape)}")
@@ -85,7 +88,7 @@ def host_params(ckpt, progress: ProgressFn = null_progress) -> dict:
         value = ckpt.read(entry)
         done += 1
         progress(done, total, entry.path)
-        if isinstance(value, QuantizedArray):
+        if isinstance(value, (QuantizedArray, RowQuantizedArray)):
             return value
         value = np.asarray(value)
         if tuple(value.shape) != tuple(entry.shape):
@@ -94,7 +97,7 @@ def host_params(ckpt, progress: ProgressFn = null_progress) -> dict:
 
     by_name = {e.name: e for e in table if e.layer is None}
     params = {
-        "embeddings": read(by_name["embeddings"]),
+        "embeddings": _host_embeddings(read(by_name["embeddings"])),
         "final_norm": read(by_name["final_norm"]).astype(np.float32),
         "layers": {},
     }
@@ -119,10 +122,23 @@ def host_params(ckpt, progress: ProgressFn = null_progress) -> dict:
     return params
 
 
-def quantized_names(params: dict) -> dict:
-    from .model import QWeight
+def _host_embeddings(value):
+    """The embedding table for the model: float32, or per-row int8 as a model.QEmbedding."""
+    if isinstance(value, RowQuantizedArray):
+        from .model import QEmbedding
 
-    return {name: isinstance(w, QWeight) for name, w in params["layers"].items()}
+        return QEmbedding(value.values, value.scales)
+    if isinstance(value, QuantizedArray):
+        raise StructureError("embeddings: stored as a blocked int8 weight; expected float or per-row int8 (int8_rows)")
+    return value
+
+
+def quantized_names(params: dict) -> dict:
+    from .model import QEmbedding, QWeight
+
+    names = {name: isinstance(w, QWeight) for name, w in params["layers"].items()}
+    names["embeddings"] = isinstance(params["embeddings"], QEmbedding)
+    return names
 
 
 def load_params(ckpt, mesh=None, *, progress: ProgressFn = null_progress) -> dict:
@@ -160,14 +176,19 @@ def load_sharded(ckpt, mesh, *, progress: ProgressFn = null_progress, workers: i
     for e in table:  # validates the whole mesh before reading anything (MeshError)
         parts = parts_of(ckpt, e)
         kinds[e.path] = source_kind(ckpt, e, parts)
-        if kinds[e.path] == "int8_rows":
-            raise StructureError(f"{e.path}: per-row int8 embeddings are not supported by the model loader")
+        if kinds[e.path] == "int8_rows" and e.name != "embeddings":
+            raise StructureError(f"{e.path}: per-row int8 is only supported for the embeddings")
         lays[e.path] = layout_of(e, parts, kinds[e.path], sizes)
 
     leaves = []  # (pytree slot, [entries], part, layout, loaded dtype, stacked)
     by_name = {e.name: e for e in table if e.layer is None}
     for name in ("embeddings", "final_norm"):
         e = by_name[name]
+        if kinds[e.path] == "int8_rows":  # per-row int8 embeddings -> model.QEmbedding(weight, scales [V, 1])
+            for part in ("weight", "scales"):
+                lay = lays[e.path][part]
+                leaves.append(((name, part), [e], part, lay, lay.dtype, False))
+            continue
         leaves.append(((name,), [e], "array", lays[e.path]["array"], np.dtype(np.float32), False))
     for name in LAYER_PARAM_NAMES:
         entries = layer_entries(table, name)
@@ -228,7 +249,9 @@ def load_sharded(ckpt, mesh, *, progress: ProgressFn = null_progress, workers: i
 
     params: dict = {"layers": {}}
     for (slot, *_rest), arr in zip(leaves, built):
-        if slot[0] != "layers":
+        if slot[0] != "layers" and len(slot) == 2:  # ("embeddings", part): per-row int8
+            params.setdefault(slot[0], {})[slot[1]] = arr
+        elif slot[0] != "layers":
             params[slot[0]] = arr
         elif len(slot) == 2:
             params["layers"][slot[1]] = arr
@@ -237,6 +260,10 @@ def load_sharded(ckpt, mesh, *, progress: ProgressFn = null_progress, workers: i
     for name, v in params["layers"].items():
         if isinstance(v, dict):
             params["layers"][name] = QWeight(v["weight"], v["scales"])
+    if isinstance(params["embeddings"], dict):
+        from .model import QEmbedding
+
+        params["embeddings"] = QEmbedding(params["embeddings"]["weight"], params["embeddings"]["scales"])
     return params
 
 

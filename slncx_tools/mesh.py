@@ -3,7 +3,9 @@ PartitionSpec of every parameter (from the parameter table) and of the activatio
 
 Quantized weights: the int8 values use the table's spec; their scales [..., R, out] use the same
 spec with the row (R) dimension replicated. Scales are small, and keeping them whole along the
-rows makes every R (1, 8, ...) correct on every model-axis size (1, 2, 4, 8, 16, ...).
+rows makes every R (1, 8, ...) correct on every model-axis size (1, 2, 4, 8, 16, ...). Per-row int8
+embeddings (a model.QEmbedding): values [V, D] as the table, (None, ("data", "model")); their scales
+[V, 1] replicated (the size-1 dimension is never split).
 """
 
 from __future__ import annotations
@@ -77,6 +79,14 @@ def partition_spec(entry: ParamSpec, part: str = "array", stacked: bool = False)
     return P(*spec)
 
 
+def embedding_scales_spec(entry: ParamSpec):
+    """Per-row embedding scales [V, 1]: split like the table's rows (replicated in the table), never
+    along the size-1 dimension that stands for the table's sharded D."""
+    from jax.sharding import PartitionSpec as P
+
+    return P(entry.partition[0], None)
+
+
 def check_mesh(cfg: ModelConfig, mesh_or_sizes) -> None:
     """MeshError unless every sharded dimension is divisible by the mesh axes that shard it."""
     sizes = mesh_or_sizes if isinstance(mesh_or_sizes, dict) else mesh_sizes(mesh_or_sizes)
@@ -101,7 +111,8 @@ def check_mesh(cfg: ModelConfig, mesh_or_sizes) -> None:
 
 def param_specs(cfg: ModelConfig, quantized: dict) -> dict:
     """PartitionSpecs shaped like the model's params pytree. `quantized` maps a per-layer name to
-    whether that weight is a model.QWeight."""
+    whether that weight is a model.QWeight, and "embeddings" to whether the table is a
+    model.QEmbedding (per-row int8)."""
     from .model import QWeight
 
     table = param_table(cfg)
@@ -113,8 +124,13 @@ def param_specs(cfg: ModelConfig, quantized: dict) -> dict:
             layers[name] = QWeight(partition_spec(e, "weight", True), partition_spec(e, "scales", True))
         else:
             layers[name] = partition_spec(e, "array", True)
+    emb = partition_spec(first["embeddings"])
+    if quantized.get("embeddings"):  # per-row int8: values split like the table, [V, 1] scales replicated
+        from .model import QEmbedding
+
+        emb = QEmbedding(emb, embedding_scales_spec(first["embeddings"]))
     return {
-        "embeddings": partition_spec(first["embeddings"]),
+        "embeddings": emb,
         "final_norm": partition_spec(first["final_norm"]),
         "layers": layers,
     }

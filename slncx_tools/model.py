@@ -3,7 +3,7 @@
 Params pytree (built by `load.load_params`; layer weights stacked on a leading layer axis in
 numeric layer order 0..L-1, keyed by their parameter-table name):
 
-    {"embeddings": f32 [V, D],             # tied input/output embedding
+    {"embeddings": f32 [V, D] | QEmbedding, # tied input/output embedding (QEmbedding: per-row int8)
      "final_norm": f32 [D],
      "layers": {"moe/linear/w": QWeight | bf16 [L, E, D, F], ..., "router/w": f32 [L, D, E]}}
 
@@ -64,6 +64,59 @@ def matmul(x: jax.Array, w, dtype=BF16) -> jax.Array:
     """x [..., in] @ weight [in, out] -> [..., out], computed in `dtype` (a QWeight is
     dequantized first, one layer or one expert at a time)."""
     return jnp.einsum("...i,io->...o", x.astype(dtype), dequantize(w, dtype))
+
+
+@partial(jax.tree_util.register_dataclass, data_fields=["values", "scales"], meta_fields=[])
+@dataclasses.dataclass
+class QEmbedding:
+    """Per-row int8 embedding table (`quantize --embeddings int8`, store kind "int8_rows"):
+    `values` int8 [V, D] and `scales` [V, 1], one scale per vocabulary row. Row v is
+    bf16(values[v]) · scales[v]; the transposed pair (values.T [D, V], scales.T [1, V]) is an R = 1
+    per-output-column weight, which is how the tied output projection uses it (`unembed`)."""
+
+    values: jax.Array
+    scales: jax.Array
+
+    @property
+    def shape(self):
+        return self.values.shape
+
+
+def _dequantize_rows(values: jax.Array, scales: jax.Array, dtype) -> jax.Array:
+    """bf16(q) · s for rows of a QEmbedding (scales broadcast over the row), exact in float32 and
+    then cast to `dtype`, exactly as `dequantize` does for a QWeight."""
+    return (values.astype(F32) * scales.astype(F32)).astype(dtype)
+
+
+# Bytes of dequantized embedding rows the output projection materialises at a time (per device, before
+# sharding of D): the vocabulary is processed in chunks so that no float copy of the whole table
+# (131072 x 6144 for SLNCX) ever exists.
+UNEMBED_CHUNK_BYTES = 64 * 1024 * 1024
+
+
+def _vocab_chunks(V: int, D: int, itemsize: int, chunk_bytes: int) -> int:
+    """The smallest number of equal vocabulary chunks (a divisor of V) of at most chunk_bytes each."""
+    need = max(1, -(-V * D * itemsize // max(chunk_bytes, 1)))
+    for n in range(need, V + 1):
+        if V % n == 0:
+            return n
+    return V
+
+
+def matmul_embedding_t(h: jax.Array, table, dtype, chunk_bytes: int = UNEMBED_CHUNK_BYTES) -> jax.Array:
+    """h [..., D] @ table.T -> [..., V] in `dtype` (the tied output projection). A QEmbedding is
+    dequantized inside, one vocabulary chunk at a time (a lax.map over chunks of V/n rows)."""
+    if not isinstance(table, QEmbedding):
+        return jnp.einsum("...d,vd->...v", h, table.astype(dtype))
+    V, D = table.values.shape
+    h = h.astype(dtype)
+    n = _vocab_chunks(V, D, jnp.dtype(dtype).itemsize, chunk_bytes)
+    if n == 1:
+        return jnp.einsum("...d,vd->...v", h, _dequantize_rows(table.values, table.scales, dtype))
+    c = V // n
+    vals, scales = table.values.reshape(n, c, D), table.scales.reshape(n, c, 1)
+    out = jax.lax.map(lambda a: jnp.einsum("...d,vd->...v", h, _dequantize_rows(a[0], a[1], dtype)), (vals, scales))
+    return jnp.moveaxis(out, 0, -2).reshape(h.shape[:-1] + (V,))  # [n, ..., c] -> [..., V]
 
 
 # --- KV cache -----------------------------------------------------------------------------------
@@ -214,13 +267,17 @@ REFERENCE_DTYPE = F32
 
 
 def embed(params: dict, tokens: jax.Array, cfg: ModelConfig, dt=REFERENCE_DTYPE) -> jax.Array:
-    x = params["embeddings"][tokens].astype(dt)  # f32 table rows [B, T, D]
+    table = params["embeddings"]
+    if isinstance(table, QEmbedding):  # gather the int8 rows and their scales, dequantize only those
+        x = _dequantize_rows(table.values[tokens], table.scales[tokens], dt)  # [B, T, D]
+    else:
+        x = table[tokens].astype(dt)  # f32 table rows [B, T, D]
     return x * jnp.asarray(cfg.embedding_multiplier_scale, BF16).astype(dt)
 
 
-def unembed(params: dict, h: jax.Array, cfg: ModelConfig) -> jax.Array:
+def unembed(params: dict, h: jax.Array, cfg: ModelConfig, *, chunk_bytes: int = UNEMBED_CHUNK_BYTES) -> jax.Array:
     """Final-normed h [..., D] -> bf16 logits [..., V] (tied embedding, × output multiplier)."""
-    logits = jnp.einsum("...d,vd->...v", h, params["embeddings"].astype(h.dtype))
+    logits = matmul_embedding_t(h, params["embeddings"], h.dtype, chunk_bytes)
     return (logits * jnp.asarray(cfg.output_multiplier_scale, BF16).astype(h.dtype)).astype(BF16)
 
 
