@@ -1,7 +1,7 @@
 import click
 
 
-@click.command()
+@click.command(short_help='Run download → quantize → reshard → verify → sample on the embedded model, offline.')
 @click.option("--keep", type=click.Path(file_okay=False), help="Leave the artefacts in this (new or empty) directory.")
 @click.option("--mesh", "mesh_spec", default="8x1", show_default=True, help="Mesh to reshard for and run on (CPU devices).")
 @click.option("--prompt", default="def __init__(self, ", show_default=True, help="Prompt for the sampling step.")

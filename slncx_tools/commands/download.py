@@ -1,7 +1,7 @@
 import click
 
 
-@click.command()
+@click.command(short_help='Fetch ckpt-0 from the hub: parallel, resumable, SHA-256 verified, disk checked first.')
 @click.option("--repo", default="xai-org/slncx", show_default=True, help="Model repo on the hub.")
 @click.option("--revision", default="main", show_default=True, help="Branch, tag or commit.")
 @click.option("--include", "include", multiple=True, default=("ckpt-0/*",), show_default=True,

@@ -1,7 +1,7 @@
 import click
 
 
-@click.command()
+@click.command(short_help="List a checkpoint's tensors (path, shape, dtype, int8 blocks, bytes) from headers.")
 @click.argument("path", required=False, type=click.Path(exists=True, file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the table as JSON.")
 @click.option("--check", is_flag=True, help="Report every problem found instead of stopping at the first.")

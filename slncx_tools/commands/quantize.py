@@ -1,7 +1,7 @@
 import click
 
 
-@click.command()
+@click.command(short_help='Stream a checkpoint into an int8 zarr3 store (or release files); resumable.')
 @click.argument("paths", nargs=-1, metavar="[SOURCE] OUT", type=click.Path(file_okay=False))
 @click.option("--requantize", is_flag=True, help="Collapse existing R-block scales into per-channel (R=1) scales.")
 @click.option("--scale-dtype", type=click.Choice(["bf16", "f32"]), default="bf16", show_default=True, help="dtype of newly computed scales.")

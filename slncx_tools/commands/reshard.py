@@ -1,7 +1,7 @@
 import click
 
 
-@click.command()
+@click.command(short_help="Lay a store out for a device mesh: each device's shard is one chunk.")
 @click.argument("source", type=click.Path(exists=True, file_okay=False))
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option("--mesh", "mesh_spec", required=True, help="MxD = model axis M x data axis D (8x1 is the release's layout), or model=M,data=D.")

@@ -1,7 +1,7 @@
 import click
 
 
-@click.command()
+@click.command(short_help='Generate text with the pure-JAX model (KV cache, top-2 MoE, int8, any mesh).')
 @click.argument("checkpoint", required=False, type=click.Path(exists=True))
 @click.option("--prompt", "prompts", multiple=True, help="Prompt text; repeat for a batch.")
 @click.option("--prompt-file", type=click.File("r"), help="Read the prompt from a file ('-' = stdin).")

@@ -1,7 +1,7 @@
 import click
 
 
-@click.command()
+@click.command(short_help='Check structure, checksums and values; --against: KLD, top-1, perplexity.')
 @click.argument("path", required=False, type=click.Path(exists=True, file_okay=False))
 @click.option("--sha256sums", type=click.Path(exists=True, dir_okay=False),
               help="Checksums in sha256sum format for a release ckpt-0 (default: its SHA256SUMS, written by download).")
