@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+import queue
 import re
 import shutil
 import threading
@@ -32,7 +33,7 @@ from . import store as st
 from .errors import DiskSpaceError, SlncxError, StructureError
 from .params import ParamSpec
 from .progress import ProgressFn, null_progress
-from .quant import BF16, ErrorStats, dequantize_f32, quantize_columns
+from .quant import BF16, ErrorStats, dequantize_f32, quantize_columns, quantize_rows, quantize_slab
 
 log = logging.getLogger(__name__)
 
@@ -179,17 +180,72 @@ def _row_bytes(shape, itemsize: int) -> int:
     return int(np.prod(shape[1:], dtype=np.int64)) * int(itemsize)
 
 
+_END = object()
+
+
+def prefetch(items, depth: int = 1):
+    """Iterate `items` (a generator doing the reads) in a background thread, at most `depth` results
+    ahead, so reading overlaps whatever the consumer does with the previous result (numpy, hashlib
+    and TensorStore release the GIL). Exceptions are re-raised in the consumer; closing the
+    returned generator (or an error in the consumer) stops the reader. Live results: the one being
+    produced, `depth` queued and the one being consumed.
+    """
+    q: queue.Queue = queue.Queue(maxsize=max(1, depth))
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def run() -> None:
+        it = iter(items)
+        try:
+            for item in it:
+                if not put((True, item)):
+                    return
+            put((True, _END))
+        except BaseException as e:  # noqa: BLE001 — handed to the consumer
+            put((False, e))
+        finally:
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()
+
+    t = threading.Thread(target=run, name="slncx-read", daemon=True)
+    t.start()
+    try:
+        while True:
+            ok, item = q.get()
+            if not ok:
+                raise item
+            if item is _END:
+                return
+            yield item
+    finally:
+        stop.set()
+        t.join()
+
+
 def produce_copy(source, job: TensorJob, budget: int, counter) -> Iterator[Slab]:
-    """Carry every part as stored (float -> float32), in row slabs of whole chunks."""
-    for part, a in job.arrays.items():
-        shape, dtype = a["shape"], a["dtype"]
-        src_dtype = job.source_parts[part][1]
-        for sl in st.row_slabs(shape, a["chunks"][0], _row_bytes(shape, max(src_dtype.itemsize, dtype.itemsize)), budget // 8):
-            data = source.read_part(job.entry, part, (sl,))
-            counter(data.nbytes)
-            if data.dtype != dtype:
-                data = data.astype(dtype)
-            yield Slab(part, (sl,) + (slice(None),) * (len(shape) - 1), data)
+    """Carry every part as stored (float -> float32), in row slabs of whole chunks (read ahead)."""
+
+    def reads():
+        for part, a in job.arrays.items():
+            shape, dtype = a["shape"], a["dtype"]
+            src_dtype = job.source_parts[part][1]
+            for sl in st.row_slabs(shape, a["chunks"][0], _row_bytes(shape, max(src_dtype.itemsize, dtype.itemsize)), budget // 8):
+                data = source.read_part(job.entry, part, (sl,))
+                counter(data.nbytes)
+                if data.dtype != dtype:
+                    data = data.astype(dtype)
+                yield Slab(part, (sl,) + (slice(None),) * (len(shape) - 1), data)
+
+    yield from prefetch(reads())
 
 
 def _float_columns(source, job: TensorJob, lead: tuple, cols: slice) -> np.ndarray:
@@ -205,9 +261,23 @@ def _float_columns(source, job: TensorJob, lead: tuple, cols: slice) -> np.ndarr
     return source.read_part(e, "array", idx).reshape(e.shape[-2], -1).astype(np.float32, copy=False)
 
 
+def _quantize_into(w: np.ndarray, axis: int, q_out: np.ndarray, opts: QuantizeOptions):
+    """Quantize a float slab (one scale per column for axis 0, per row for axis 1) into `q_out`."""
+    if opts.method == "absmax":
+        _, s, stat = quantize_slab(w, axis, opts.scale_np, q_out=q_out)  # the fused kernel
+        return s, stat
+    if axis == 0:
+        q, s, stat = quantize_columns(w, 1, opts.scale_np, opts.method)
+    else:
+        q, s, stat = quantize_rows(w, opts.scale_np, opts.method)
+    q_out[...] = q
+    return s, stat
+
+
 def produce_quantize(source, job: TensorJob, budget: int, counter, opts: QuantizeOptions, result: TensorResult) -> Iterator[Slab]:
     """Per-output-channel int8 of each matrix [in, out]; the matrix is assembled in an int8 buffer
-    from column slabs (so the float slab stays within budget), then written whole (C order)."""
+    from column slabs (so the float slab stays within budget), then written whole (C order).
+    Column slabs are read one ahead while the previous one is quantized."""
     e = job.entry
     shape = e.shape
     lead_shape = shape[:-2]
@@ -215,42 +285,71 @@ def produce_quantize(source, job: TensorJob, budget: int, counter, opts: Quantiz
     scales = np.empty(e.scales_shape(1), dtype=opts.scale_np)
     in_item = sum(int(np.prod(s[-2:])) * d.itemsize for s, d in job.source_parts.values()) / max(1, rows * cols)
     width = max(1, min(cols, int(budget // 16 // max(1, rows * 4))))
+    leads = list(np.ndindex(*lead_shape)) if lead_shape else [()]
+
+    def reads():
+        for lead in leads:
+            lead_idx = tuple(slice(i, i + 1) for i in lead)
+            for c0 in range(0, cols, width):
+                cs = slice(c0, min(cols, c0 + width))
+                w = _float_columns(source, job, lead_idx, cs)
+                counter(int(w.size * in_item))
+                yield lead, cs, w
+
     stats = ErrorStats()
-    for lead in np.ndindex(*lead_shape) if lead_shape else [()]:
-        lead_idx = tuple(slice(i, i + 1) for i in lead)
-        buf = np.empty((rows, cols), dtype=np.int8)
-        for c0 in range(0, cols, width):
-            cs = slice(c0, min(cols, c0 + width))
-            w = _float_columns(source, job, lead_idx, cs)
-            counter(int(w.size * in_item))
-            q, s, stat = quantize_columns(w, 1, opts.scale_np, opts.method)
-            buf[:, cs] = q
-            scales[lead + (slice(None), cs)] = s
-            stats = stats + stat
-        yield Slab("weight", lead_idx + (slice(None), slice(None)), buf.reshape((1,) * len(lead) + buf.shape))
+    slabs = prefetch(reads())
+    try:
+        for lead in leads:
+            lead_idx = tuple(slice(i, i + 1) for i in lead)
+            buf = np.empty((rows, cols), dtype=np.int8)
+            for _ in range(0, cols, width):
+                lead_r, cs, w = next(slabs)
+                assert lead_r == lead
+                s, stat = _quantize_into(w, 0, buf[:, cs], opts)
+                del w
+                scales[lead + (slice(None), cs)] = s
+                stats = stats + stat
+            yield Slab("weight", lead_idx + (slice(None), slice(None)), buf.reshape((1,) * len(lead) + buf.shape))
+            del buf
+    finally:
+        slabs.close()
     result.stats = stats
     yield Slab("scales", tuple(slice(None) for _ in scales.shape), scales)
 
 
 def produce_quantize_rows(source, job: TensorJob, budget: int, counter, opts: QuantizeOptions, result: TensorResult) -> Iterator[Slab]:
-    """Per-row int8 of [V, D] (embeddings): units of whole chunk rows, quantized in row sub-slabs."""
+    """Per-row int8 of [V, D] (embeddings): units of whole chunk rows, quantized in row sub-slabs
+    (read one ahead) straight into the unit's int8 buffer, without transposes."""
     e = job.entry
     rows, cols = e.shape
     a = job.arrays["weight"]
     scales = np.empty((rows, 1), dtype=opts.scale_np)
     sub = max(1, int(budget // 16 // max(1, cols * 4)))
+    units = list(st.row_slabs(e.shape, a["chunks"][0], cols, budget // 8))
+
+    def reads():
+        for unit in units:
+            for r0 in range(unit.start, unit.stop, sub):
+                rs = slice(r0, min(unit.stop, r0 + sub))
+                w = source.read_part(e, "array", (rs, slice(None))).astype(np.float32, copy=False)
+                counter(w.nbytes)
+                yield rs, w
+
     stats = ErrorStats()
-    for unit in st.row_slabs(e.shape, a["chunks"][0], cols, budget // 8):
-        buf = np.empty((unit.stop - unit.start, cols), dtype=np.int8)
-        for r0 in range(unit.start, unit.stop, sub):
-            rs = slice(r0, min(unit.stop, r0 + sub))
-            w = source.read_part(e, "array", (rs, slice(None))).astype(np.float32, copy=False)
-            counter(w.nbytes)
-            q, s, stat = quantize_columns(w.T, 1, opts.scale_np, opts.method)
-            buf[rs.start - unit.start : rs.stop - unit.start] = q.T
-            scales[rs] = s.T
-            stats = stats + stat
-        yield Slab("weight", (unit, slice(None)), buf)
+    slabs = prefetch(reads())
+    try:
+        for unit in units:
+            buf = np.empty((unit.stop - unit.start, cols), dtype=np.int8)
+            for _ in range(unit.start, unit.stop, sub):
+                rs, w = next(slabs)
+                s, stat = _quantize_into(w, 1, buf[rs.start - unit.start : rs.stop - unit.start], opts)
+                del w
+                scales[rs] = s
+                stats = stats + stat
+            yield Slab("weight", (unit, slice(None)), buf)
+            del buf
+    finally:
+        slabs.close()
     result.stats = stats
     yield Slab("scales", (slice(None), slice(None)), scales)
 
@@ -268,9 +367,13 @@ def produce(source, job: TensorJob, opts: QuantizeOptions, budget: int, counter,
 # --- sinks --------------------------------------------------------------------------------------
 
 def write_store_entry(root, job: TensorJob, slabs, compression: dict, budget: int) -> dict:
-    """Write a tensor's slabs into its zarr3 arrays; returns the manifest "arrays" dict with digests."""
+    """Write a tensor's slabs into its zarr3 arrays; returns the manifest "arrays" dict with digests.
+
+    Writes (and hashing) run asynchronously, at most `budget // 4` bytes beyond the first slab in
+    flight; every array is fsynced when this returns (`ArrayWriter.close`)."""
     writers = {
-        part: st.ArrayWriter(root, st.array_key(job.entry.path, part), a["shape"], a["dtype"], a["chunks"], compression)
+        part: st.ArrayWriter(root, st.array_key(job.entry.path, part), a["shape"], a["dtype"], a["chunks"], compression,
+                             max_in_flight_bytes=budget // 4)
         for part, a in job.arrays.items()
     }
     try:

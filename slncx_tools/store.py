@@ -27,6 +27,7 @@ and compression (`hashlib.sha256(np.ascontiguousarray(a).tobytes())` for an in-m
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -34,6 +35,7 @@ import os
 import shutil
 import threading
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional
 
@@ -118,10 +120,16 @@ def default_chunks(shape, partition, dtype, *, model_shards: int = DEFAULT_MODEL
 
 
 def zarr3_spec(root, key: str, *, shape=None, dtype=None, chunks=None, compression: Optional[dict] = None,
-               create: bool = False) -> dict:
-    """A plain TensorStore zarr3 spec for one array of the store."""
+               create: bool = False, sync: bool = True) -> dict:
+    """A plain TensorStore zarr3 spec for one array of the store.
+
+    `sync=False` (creation only) turns off TensorStore's fsync after every chunk file
+    (`file_io_sync`); whoever writes such an array must make it durable itself (`sync_tree`).
+    """
     spec: dict = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(Path(root) / key) + "/"}}
     if create:
+        if not sync:
+            spec["kvstore"]["file_io_sync"] = False
         codecs = [{"name": "bytes", "configuration": {"endian": "little"}}]
         comp = compression or DEFAULT_COMPRESSION
         if comp.get("codec") == "zstd":
@@ -141,15 +149,19 @@ def zarr3_spec(root, key: str, *, shape=None, dtype=None, chunks=None, compressi
     return spec
 
 
-def create_array(root, key: str, shape, dtype, chunks, compression: Optional[dict] = None):
-    """Create (replacing anything there) one zarr3 array; returns the TensorStore handle."""
+def create_array(root, key: str, shape, dtype, chunks, compression: Optional[dict] = None, sync: bool = True):
+    """Create (replacing anything there) one zarr3 array; returns the TensorStore handle.
+
+    With `sync=False` chunk files are not fsynced as they are written (see `sync_tree`).
+    """
     import tensorstore as ts
 
     target = Path(root) / key
     if target.exists():
         shutil.rmtree(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    return ts.open(zarr3_spec(root, key, shape=shape, dtype=dtype, chunks=chunks, compression=compression, create=True)).result()
+    spec = zarr3_spec(root, key, shape=shape, dtype=dtype, chunks=chunks, compression=compression, create=True, sync=sync)
+    return ts.open(spec).result()
 
 
 def open_array(root, key: str):
@@ -161,46 +173,104 @@ def open_array(root, key: str):
         raise FormatError(f"{Path(root) / key}: cannot open zarr3 array ({e})") from None
 
 
+def _fsync_path(path, directory: bool = False) -> None:
+    fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sync_tree(root, key: str) -> None:
+    """fsync every file and directory of the array `root/key`, and the directories above it up to `root`,
+    so the array (contents and names) is on disk."""
+    root = Path(root)
+    top = root / key
+    for dirpath, _dirs, files in os.walk(top):
+        for f in files:
+            _fsync_path(os.path.join(dirpath, f))
+        _fsync_path(dirpath, directory=True)
+    p = top.parent
+    while True:
+        _fsync_path(p, directory=True)
+        if p == root or root not in p.parents:
+            break
+        p = p.parent
+
+
 class ArrayWriter:
     """Writes one array in chunk-aligned slabs given in C order; hashes the logical bytes as it goes.
 
     Each `write(index, data)` must cover whole chunks (no read-modify-write) and slabs must arrive
     in C order (each slab spans full trailing dimensions) so the running SHA-256 is the digest of the
-    whole array. Up to `max_in_flight` writes run in TensorStore's threads while the caller prepares
-    the next slab.
+    whole array. `write` returns at once: the hashing runs on a helper thread (in order) and the
+    write in TensorStore's threads, while the caller prepares the next slab; at most
+    `max_in_flight` slabs (and, beyond the first, `max_in_flight_bytes`) are held in flight.
+
+    Durability: TensorStore's per-chunk fsync is off (it serialises every chunk write on the disk);
+    instead `close()` fsyncs the array's files and directories before it returns the digest, so
+    anything recorded after `close()` (a journal record, the manifest's `complete`) never refers
+    to unsynced data. `fsync_each_write=True` keeps TensorStore's own per-file fsync.
     """
 
-    def __init__(self, root, key: str, shape, dtype, chunks, compression: Optional[dict] = None, max_in_flight: int = 2):
+    def __init__(self, root, key: str, shape, dtype, chunks, compression: Optional[dict] = None, max_in_flight: int = 2,
+                 max_in_flight_bytes: int = 512 * 1024 * 1024, fsync_each_write: bool = False):
+        self.root = Path(root)
         self.key = key
         self.shape = tuple(shape)
         self.dtype = np.dtype(dtype)
         self.chunks = tuple(chunks)
-        self.array = create_array(root, key, shape, dtype, chunks, compression)
+        self.sync_each = fsync_each_write
+        self.array = create_array(root, key, shape, dtype, chunks, compression, sync=fsync_each_write)
         self._hash = hashlib.sha256()
-        self._pending: deque = deque()
-        self.max_in_flight = max_in_flight
+        self._hasher = ThreadPoolExecutor(1, thread_name_prefix="slncx-hash")
+        self._pending: deque = deque()  # (hash future, write future, nbytes)
+        self._in_flight_bytes = 0
+        self.max_in_flight = max(1, int(max_in_flight))
+        self.max_in_flight_bytes = int(max_in_flight_bytes)
         self.bytes_written = 0
+
+    def _retire(self) -> None:
+        hf, wf, n = self._pending.popleft()
+        try:
+            hf.result()
+            wf.result()
+        finally:
+            self._in_flight_bytes -= n
 
     def write(self, index: tuple, data: np.ndarray) -> None:
         data = np.ascontiguousarray(data, dtype=self.dtype)
-        self._hash.update(data.reshape(-1).view(np.uint8))
-        while len(self._pending) >= self.max_in_flight:
-            self._pending.popleft().result()
-        self._pending.append(self.array[index].write(data))
+        while self._pending and (
+            len(self._pending) >= self.max_in_flight or self._in_flight_bytes + data.nbytes > self.max_in_flight_bytes
+        ):
+            self._retire()
+        hf = self._hasher.submit(self._hash.update, data.reshape(-1).view(np.uint8))
+        wf = self.array[index].write(data)
+        self._pending.append((hf, wf, data.nbytes))
+        self._in_flight_bytes += data.nbytes
         self.bytes_written += data.nbytes
 
     def close(self) -> str:
-        while self._pending:
-            self._pending.popleft().result()
+        """Wait for every write, make the array durable, and return the SHA-256 of its logical bytes."""
+        try:
+            while self._pending:
+                self._retire()
+        finally:
+            self._hasher.shutdown(wait=True)
+        if not self.sync_each:
+            sync_tree(self.root, self.key)
         return self._hash.hexdigest()
 
     def abort(self) -> None:
-        for f in self._pending:
-            try:
-                f.result()
-            except Exception:  # noqa: BLE001 — we are already failing
-                pass
+        for hf, wf, _n in self._pending:
+            for f in (hf, wf):
+                try:
+                    f.result()
+                except Exception:  # noqa: BLE001 — we are already failing
+                    pass
         self._pending.clear()
+        self._in_flight_bytes = 0
+        self._hasher.shutdown(wait=True)
 
 
 def row_slabs(shape, chunk0: int, row_bytes: int, budget: int):
@@ -312,6 +382,8 @@ class Store:
         self._arrays: dict = {}
         self._lock = threading.Lock()
         self.bytes_read = 0
+        # read_part_into: O_DIRECT (no page-cache copy or pollution) while the filesystem accepts it
+        self._direct_io = {"ok": os.environ.get("SLNCX_DIRECT_IO", "1") != "0" and hasattr(os, "O_DIRECT")}
 
     @property
     def complete(self) -> bool:
@@ -365,6 +437,81 @@ class Store:
             self.bytes_read += out.nbytes
         return out
 
+    def read_part_into(self, entry: ParamSpec, part: str, index, out: np.ndarray) -> bool:
+        """Read a slab that is exactly one chunk of an uncompressed array straight into `out` (a
+        C-contiguous array of the chunk's shape and stored dtype): positioned reads of the chunk file
+        (plain zarr3 "bytes" codec: the chunk's C-order little-endian bytes, nothing else) into the
+        caller's buffer, no intermediate copy. Returns False, having read nothing, when the slab is
+        not one such chunk (compressed, other codecs, other slab, other dtype): use `read_part` then.
+        Counts bytes like `read_part` (a chunk never written holds the fill value and reads as it)."""
+        from .release import normalize_index
+
+        raw = self._raw_chunks(entry, part)
+        if raw is None or not out.flags.c_contiguous or out.dtype != raw["dtype"]:
+            return False
+        index = normalize_index(raw["shape"], index)
+        chunks = raw["chunks"]
+        if tuple(out.shape) != chunks or any(s.start % c or s.stop - s.start != c for s, c in zip(index, chunks)):
+            return False
+        if chunks:
+            path = raw["dir"] / (raw["prefix"] + raw["sep"].join(str(s.start // c) for s, c in zip(index, chunks)))
+        else:  # a 0-d array's one chunk
+            path = raw["dir"] / (raw["prefix"][:1] or "0")
+        buf = out.reshape(-1).view(np.uint8)
+        try:
+            size = os.stat(path).st_size
+        except FileNotFoundError:
+            out[...] = raw["fill"]
+        except OSError as e:
+            raise FormatError(f"{path}: unreadable ({e})") from None
+        else:
+            if size != buf.nbytes:
+                raise FormatError(f"{path}: chunk file has {size} bytes, expected {buf.nbytes}")
+            try:
+                _read_file_into(path, buf, self._direct_io)
+            except OSError as e:
+                raise FormatError(f"{path}: unreadable ({e})") from None
+        with self._lock:
+            self.bytes_read += out.nbytes
+        return True
+
+    def _raw_chunks(self, entry: ParamSpec, part: str) -> Optional[dict]:
+        """Where an uncompressed array's chunk files are and their shape, or None when its chunks are
+        not raw C-order little-endian bytes (cached per array; checked against the manifest)."""
+        key = ("raw", entry.path, part)
+        with self._lock:
+            if key in self._arrays:
+                return self._arrays[key]
+        info = self.record(entry)["arrays"].get(part)
+        raw = None
+        if info is not None:
+            adir = self.dir / info["key"]
+            try:
+                meta = json.loads((adir / "zarr.json").read_text())
+            except (OSError, ValueError) as e:
+                raise FormatError(f"{adir}: cannot open zarr3 array ({e})") from None
+            dtype = DTYPES[info["dtype"]]
+            codecs = meta.get("codecs") or []
+            enc = meta.get("chunk_key_encoding") or {}
+            grid = meta.get("chunk_grid") or {}
+            if list(meta.get("shape", [])) != list(info["shape"]) or meta.get("data_type") != info["dtype"]:
+                raise FormatError(f"{adir}: expected {info['dtype']} {info['shape']}, found {meta.get('data_type')} {meta.get('shape')}")
+            plain = (len(codecs) == 1 and codecs[0].get("name") == "bytes"
+                     and (codecs[0].get("configuration") or {}).get("endian", "little") == "little")
+            fill = meta.get("fill_value", 0)
+            if (plain and grid.get("name") == "regular" and enc.get("name") in ("default", "v2")
+                    and isinstance(fill, (int, float)) and not meta.get("storage_transformers")):
+                default_sep = "/" if enc["name"] == "default" else "."
+                sep = (enc.get("configuration") or {}).get("separator", default_sep)
+                raw = {
+                    "dir": adir, "prefix": ("c" + sep) if enc["name"] == "default" else "", "sep": sep,
+                    "shape": tuple(int(d) for d in meta["shape"]), "dtype": dtype, "fill": fill,
+                    "chunks": tuple(int(c) for c in grid["configuration"]["chunk_shape"]),
+                }
+        with self._lock:
+            self._arrays[key] = raw
+        return raw
+
     def read(self, entry: ParamSpec, index=None):
         """A float tensor as an ndarray; int8 as a QuantizedArray; int8_rows as a RowQuantizedArray."""
         st = self.storage(entry)
@@ -411,6 +558,51 @@ class Store:
         got = hash_array(self.array(entry, part))
         if got != info["sha256"]:
             raise ChecksumError(f"{self.dir / info['key']}: SHA-256 {got} does not match the manifest's {info['sha256']}")
+
+
+DIRECT_ALIGN = 4096  # O_DIRECT: buffer address, file offset and length multiples of the block size
+
+
+def _read_file_into(path, buf: np.ndarray, direct: dict) -> None:
+    """Fill the uint8 array `buf` with the first buf.nbytes bytes of `path` (positioned reads, no
+    intermediate buffer). While `direct["ok"]` and `buf` is DIRECT_ALIGN-aligned, the aligned bulk is
+    read with O_DIRECT (disk -> buf by DMA, bypassing the page cache) and the short tail buffered; a
+    filesystem that refuses O_DIRECT (tmpfs) turns it off for the store (`direct["ok"] = False`)."""
+    n = buf.nbytes
+    done = 0
+    bulk = n - n % DIRECT_ALIGN if direct.get("ok") and buf.ctypes.data % DIRECT_ALIGN == 0 else 0
+    if bulk:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            direct["ok"] = False
+        else:
+            try:
+                while done < bulk:
+                    try:
+                        got = os.preadv(fd, [buf[done:bulk]], done)
+                    except OSError as e:
+                        if e.errno != errno.EINVAL or done:
+                            raise
+                        direct["ok"] = False  # opened, but this filesystem/device refuses direct reads
+                        break
+                    if got <= 0:
+                        raise OSError(errno.EIO, f"truncated ({done} of {n} bytes)")
+                    done += got
+            finally:
+                os.close(fd)
+    if done < n:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            while done < n:  # one read returns at most ~2 GiB
+                got = os.preadv(fd, [buf[done:]], done)
+                if got <= 0:
+                    raise OSError(errno.EIO, f"truncated ({done} of {n} bytes)")
+                done += got
+        finally:
+            os.close(fd)
 
 
 def open_store(path, allow_incomplete: bool = False) -> Store:
