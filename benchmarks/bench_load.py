@@ -11,10 +11,12 @@ directory is a complete checkpoint. `reshard --mesh 8x1` turns it into a store (
 Each method runs in a fresh subprocess (peak RSS from getrusage; bytes from /proc/self/io), after
 `sync; echo 3 > /proc/sys/vm/drop_caches` when we may (else the numbers are page-cached, and say so):
 
-- original: per file, copy it fully (to /dev/shm, as the original loader does), read it fully with
-  our safe reader (no unpickling of untrusted code), then `jax.device_put` with the NamedSharding,
-  which slices it per device;
-- resharded: `load_params(store, mesh)`: each device's piece read as its one chunk.
+- original (the issue's "copy each file fully, unpickle, then slice"): per file, copy it fully to
+  /dev/shm and `pickle.load` it, as the original loader does, then `jax.device_put` with the
+  NamedSharding, which slices it per device (the synthetic files are ours, so unpickling is safe);
+- resharded: `load_params(store, mesh)`: each device's piece read as its one chunk — one positioned
+  read (O_DIRECT where the filesystem allows) of the chunk file into the piece's final page-aligned
+  buffer, which `jax.device_put` adopts on a CPU device without a copy.
 
 "Read per device" is the bytes read to produce one device's data: a full file per tensor for the
 original approach, its own chunk for the resharded store.
@@ -79,43 +81,62 @@ def io_counters() -> dict:
 
 
 def run_original(ckpt_dir: Path, shm: Path) -> dict:
+    """The issue's "original approach", as the original loader does it: per file, copy it fully to
+    /dev/shm, `pickle.load` it (a stub `QuantizedWeight8bit` in __main__, as the original loader's
+    module provides), then `jax.device_put` with the NamedSharding, which slices it per device.
+
+    Unpickling a bf16 array re-initialises numpy's shared bfloat16 dtype (flags 64 -> 80), after
+    which JAX rejects every bf16 array (see tests/pickle_oracle.py); we put the dtype's state back
+    after each load (a few microseconds), the files being our own synthetic ones (trusted)."""
+    import pickle
+
     import jax
+    import ml_dtypes
     from jax.sharding import NamedSharding, PartitionSpec
 
-    from slncx_tools.load import BF16 as _  # noqa: F401  (same imports as the loader)
     from slncx_tools.mesh import make_mesh
     from slncx_tools.release import ReleaseCheckpoint
     from slncx_tools.reshard import MeshShape, layout_of, source_kind, source_parts
 
+    class QuantizedWeight8bit:  # the original loader's class, by name: a plain attribute holder
+        def __setstate__(self, state):
+            self.__dict__.update(state)
+
+    QuantizedWeight8bit.__module__ = "__main__"
+    sys.modules["__main__"].QuantizedWeight8bit = QuantizedWeight8bit
+    bf16 = np.dtype(ml_dtypes.bfloat16)
+    bf16_state = bf16.__reduce__()[2]
+
     cfg = config()
     mesh = make_mesh("8x1")
     sizes = MeshShape.parse(mesh).sizes
+    headers = ReleaseCheckpoint(ckpt_dir, config=cfg)  # shapes/specs only (no data read)
+    plans = []
+    for e in headers.table:
+        parts = source_parts(headers, e)
+        plans.append((e, layout_of(e, parts, source_kind(headers, e, parts), sizes)))
     shm.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(ckpt_dir / "tensor00000_000", shm / "tensor00000_000")  # the reader wants file 0 present
-    (shm / "config.json").write_text((ckpt_dir / "config.json").read_text())
-    headers = ReleaseCheckpoint(ckpt_dir, config=cfg)
     arrays = []
     per_device = 0
     t0 = time.perf_counter()
-    for e in headers.table:
-        src = ckpt_dir / e.file
+    for e, lays in plans:
         dst = shm / e.file
-        if e.index:
-            shutil.copyfile(src, dst)  # 1. copy the file fully
-        rc = ReleaseCheckpoint(shm, config=cfg)
-        parts = source_parts(rc, e)
-        lays = layout_of(e, parts, source_kind(rc, e, parts), sizes)
+        shutil.copyfile(ckpt_dir / e.file, dst)  # 1. copy the file fully
+        with open(dst, "rb") as f:
+            obj = pickle.load(f)  # 2. unpickle it (the whole tensor in memory)
+        bf16.__setstate__(bf16_state)
+        values = {"array": obj} if isinstance(obj, np.ndarray) else {"weight": obj.weight, "scales": obj.scales}
         for part, lay in lays.items():
-            full = rc.read_part(e, part)  # 2. read it fully (the safe reader's full read)
-            per_device += full.nbytes
-            if lay.regridded:
-                continue
+            full = values[part]
+            per_device += full.nbytes  # every device's piece comes from the whole tensor
+            if lay.regridded:  # (not on 8x1: R = 8 scales split 8 ways as they are)
+                full = np.repeat(full, lay.blocks // lay.source_blocks, axis=full.ndim - 2)
             stacked = full[None] if e.layer is not None else full  # 3. slice per device: device_put
             spec = PartitionSpec(*(((None,) if e.layer is not None else ()) + tuple(lay.partition)))
             arrays.append(jax.device_put(stacked, NamedSharding(mesh, spec)))
             del full, stacked
-        if e.index:
-            os.remove(dst)
+        del obj, values
+        os.remove(dst)
     jax.block_until_ready(arrays)
     seconds = time.perf_counter() - t0
     shutil.rmtree(shm, ignore_errors=True)

@@ -224,13 +224,15 @@ def load_sharded(ckpt, mesh, *, progress: ProgressFn = null_progress, workers: i
 
     def read_piece(li: int, key: tuple, devices: list):
         _slot, entries, part, lay, dtype, stacked = leaves[li]
+        # The piece's final host buffer, page-aligned so that jax.device_put onto a CPU device adopts
+        # it without a copy (an accelerator copies it and we drop it right after). Each layer's slab
+        # is read straight into it: one positioned read of its chunk file for a resharded store.
+        out = aligned_empty(tuple(s.stop - s.start for s in key), dtype)
         if stacked:
-            layers = range(key[0].start, key[0].stop)
-            out = np.empty(tuple(s.stop - s.start for s in key), dtype)
-            for i, layer in enumerate(layers):
-                out[i] = _read_slab(ckpt, entries[layer], part, lay, key[1:])
+            for i, layer in enumerate(range(key[0].start, key[0].stop)):
+                _read_into(ckpt, entries[layer], part, lay, key[1:], out[i])
         else:
-            out = _read_slab(ckpt, entries[0], part, lay, key).astype(dtype, copy=False)
+            _read_into(ckpt, entries[0], part, lay, key, out)
         arrays = [jax.device_put(out, d) for d in devices]
         with lock:
             done[0] += out.nbytes
@@ -265,6 +267,27 @@ def load_sharded(ckpt, mesh, *, progress: ProgressFn = null_progress, workers: i
 
         params["embeddings"] = QEmbedding(params["embeddings"]["weight"], params["embeddings"]["scales"])
     return params
+
+
+ALIGN = 4096  # >= XLA's CPU minimum alignment (64) for zero-copy device_put; also O_DIRECT-safe
+
+
+def aligned_empty(shape: tuple, dtype) -> np.ndarray:
+    """An uninitialised C-contiguous array whose data starts on an ALIGN-byte boundary."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.empty(nbytes + ALIGN, np.uint8)
+    off = (-raw.ctypes.data) % ALIGN
+    return raw[off : off + nbytes].view(dtype).reshape(shape)
+
+
+def _read_into(ckpt, entry: ParamSpec, part: str, lay, index: tuple, out: np.ndarray) -> None:
+    """Fill `out` with one device's slab: straight from the chunk file when the checkpoint can
+    (store.Store.read_part_into: the slab is one uncompressed chunk of the loaded dtype), else via
+    `_read_slab` (TensorStore / release positioned reads, re-gridding, dtype conversion)."""
+    if not lay.regridded and hasattr(ckpt, "read_part_into") and ckpt.read_part_into(entry, part, index, out):
+        return
+    out[...] = _read_slab(ckpt, entry, part, lay, index)
 
 
 def _read_slab(ckpt, entry: ParamSpec, part: str, lay, index: tuple) -> np.ndarray:
