@@ -198,13 +198,26 @@ def route(router_w: jax.Array, x: jax.Array, k: int):
     return jax.lax.top_k(probs, k)  # gates f32 [N, k], experts int32 [N, k]
 
 
-def expert_mlp(p: dict, e, x: jax.Array, dt=BF16) -> jax.Array:
-    """One expert e on rows x [n, D] -> float32 [n, D], with the reference's dtypes:
+def expert_weights(p: dict, e, dt=BF16):
+    """Expert e's three matrices dequantized: (W_linear [D, F], W_linear_v [D, F] in `dt`,
+    W_linear_1 [F, D] in float32). One expert at a time: never a float copy of all experts."""
+    return (dequantize(p["moe/linear/w"][e], dt), dequantize(p["moe/linear_v/w"][e], dt),
+            dequantize(p["moe/linear_1/w"][e]).astype(F32))
+
+
+def expert_apply(weights, x: jax.Array, dt=BF16) -> jax.Array:
+    """An expert's MLP on rows x [n, D] -> float32 [n, D], with the reference's dtypes:
     `dt` matmuls for the two up projections, gelu(tanh) and product in f32, f32 down matmul."""
-    h_w = matmul(x, p["moe/linear/w"][e], dt).astype(F32)  # [n, F]
-    h_v = matmul(x, p["moe/linear_v/w"][e], dt).astype(F32)  # [n, F]
+    w, v, w1 = weights
+    h_w = jnp.dot(x.astype(dt), w).astype(F32)  # [n, F]
+    h_v = jnp.dot(x.astype(dt), v).astype(F32)  # [n, F]
     act = h_v * jax.nn.gelu(h_w, approximate=True)
-    return jnp.dot(act, dequantize(p["moe/linear_1/w"][e]).astype(F32))  # [n, D]
+    return jnp.dot(act, w1)  # [n, D]
+
+
+def expert_mlp(p: dict, e, x: jax.Array, dt=BF16) -> jax.Array:
+    """One expert e on rows x [n, D] -> float32 [n, D] (dequantizes e's weights, then applies them)."""
+    return expert_apply(expert_weights(p, e, dt), x, dt)
 
 
 def _combine(gates, out, dt):
@@ -212,36 +225,50 @@ def _combine(gates, out, dt):
     return jnp.sum(out * gates.astype(dt).astype(F32)[..., None], axis=1).astype(dt)
 
 
+def auto_tile(assignments: int, experts: int) -> int:
+    """Rows per matmul tile: 1 when decoding (a handful of assignments), else about half an
+    expert's average share, a power of two in [1, 128] (padding ≤ experts·(tile−1) rows)."""
+    return int(min(128, max(1, 2 ** int(np.ceil(np.log2(max(assignments // (2 * experts), 1)))))))
+
+
 def moe_grouped(p: dict, x: jax.Array, cfg: ModelConfig, dt=BF16, tile: Optional[int] = None) -> jax.Array:
     """Top-k MoE computing only the selected experts: sort the (token, expert) assignments by
-    expert, pad each expert's group to a multiple of `tile` rows, and run one expert per tile.
-    x: [N, D] -> `dt` [N, D]. Exact (no capacity drops); work ≈ N·k rows + ≤ E·tile pad."""
+    expert, pad each expert's group to a multiple of `tile` rows, then loop over the experts: an
+    expert with rows is dequantized once and run over its own tiles (a loop with a dynamic trip
+    count), an expert without rows is skipped. x: [N, D] -> `dt` [N, D]. Exact (no capacity drops);
+    matmul work ≈ N·k rows + ≤ E·(tile−1) pad; dequantization ≤ min(E, N·k) experts per layer."""
     N, D = x.shape
     E, k = cfg.num_experts, cfg.num_selected_experts
     gates, experts = route(p["router/w"], x, k)
     A = N * k  # assignments
-    if tile is None:  # one row per tile when decoding; bigger tiles for prefill
-        tile = int(min(128, max(1, 2 ** int(np.ceil(np.log2(max(A // (2 * E), 1)))))))
+    if tile is None:
+        tile = auto_tile(A, E)
     flat = experts.reshape(A)
     order = jnp.argsort(flat, stable=True)  # [A] assignment ids sorted by expert
     e_sorted = flat[order]
     counts = jnp.bincount(flat, length=E)  # [E]
     padded = (counts + tile - 1) // tile * tile
     pad_end = jnp.cumsum(padded)
+    pad_start = pad_end - padded
     rank = jnp.arange(A) - (jnp.cumsum(counts) - counts)[e_sorted]  # position within the group
-    dest = (pad_end - padded)[e_sorted] + rank  # [A] row of each sorted assignment
+    dest = pad_start[e_sorted] + rank  # [A] row of each sorted assignment
     n_tiles = (A + min(E, A) * (tile - 1)) // tile  # an upper bound on sum(ceil(counts / tile))
     rows = jnp.zeros((n_tiles * tile, D), dt).at[dest].set(x[order // k].astype(dt))
-    tile_expert = jnp.searchsorted(pad_end, jnp.arange(n_tiles) * tile, side="right")  # [n_tiles]
 
-    def one_tile(args):
-        xt, e = args  # [tile, D], expert id (E = unused tile)
-        return jax.lax.cond(
-            e < E, lambda: expert_mlp(p, jnp.minimum(e, E - 1), xt, dt), lambda: jnp.zeros((tile, D), F32)
-        )
+    def one_expert(y, e):
+        def run(y):
+            weights = expert_weights(p, e, dt)  # once per layer for this expert
 
-    y = jax.lax.map(one_tile, (rows.reshape(n_tiles, tile, D), tile_expert))  # [n_tiles, tile, D]
-    y = y.reshape(n_tiles * tile, D)
+            def one_tile(t, y):
+                xt = jax.lax.dynamic_slice_in_dim(rows, t * tile, tile)  # [tile, D]
+                return jax.lax.dynamic_update_slice_in_dim(y, expert_apply(weights, xt, dt), t * tile, 0)
+
+            first = pad_start[e] // tile
+            return jax.lax.fori_loop(first, first + padded[e] // tile, one_tile, y)
+
+        return jax.lax.cond(counts[e] > 0, run, lambda y: y, y), None
+
+    y, _ = jax.lax.scan(one_expert, jnp.zeros((n_tiles * tile, D), F32), jnp.arange(E))
     out = jnp.zeros((A, D), F32).at[order].set(y[dest]).reshape(N, k, D)
     return _combine(gates, out, dt)
 
