@@ -225,3 +225,161 @@ def test_cli_json_and_dry_run(tiny_dir, tmp_path):
     assert json.loads((tmp_path / "o" / st.MANIFEST).read_text())["compression"] == {"codec": "zstd", "level": 3}
     r = runner.invoke(cli, ["quantize", str(tiny_dir / "release_layout"), str(tmp_path / "o")])
     assert r.exit_code != 0  # a complete store is never overwritten
+
+
+# --- the fused kernel (quant.quantize_slab) and the read-ahead pipeline ---------------------------
+
+from slncx_tools import convert as cv  # noqa: E402
+from slncx_tools import quant as qt  # noqa: E402
+from slncx_tools.quant import ErrorStats  # noqa: E402
+
+
+def test_veltkamp_rounding_is_bf16_product_for_every_q_and_mantissa():
+    """The kernel rounds q·s to bf16 with Veltkamp's split: exhaustively equal to the bf16 multiply
+    (ties to even included) for every q in [-127, 127], every bf16 mantissa, over the safe exponents."""
+    t = np.arange(-127, 128, dtype=np.float32)[:, None]
+    m = np.arange(128, 256, dtype=np.float32)[None, :]
+    for k in range(-99, 100, 3):
+        s = m * np.float32(2.0 ** (k - 7))  # every bf16 value with exponent k
+        assert s.astype(BF16).astype(np.float32).tobytes() == s.tobytes()
+        p = t * s
+        ref = (t.astype(BF16) * s.astype(BF16)).astype(np.float32)
+        qt._round_bf16_products(p, np.empty_like(p))
+        assert p.tobytes() == ref.tobytes(), k
+
+
+def _spec3_stats(w, q, s):
+    return ErrorStats.of(w, (q.astype(BF16) * s).astype(np.float32) if s.dtype == BF16 else q * s)
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+@pytest.mark.parametrize("block", [1, 37, 4096, 1 << 17])
+def test_kernel_matches_spec3(axis, block):
+    rng = np.random.default_rng(axis * 100 + block)
+    w = (rng.standard_normal((301, 203)) * 0.02).astype(np.float32)
+    w[:, 5] = 0.0
+    w[7, :] = 0.0  # a zero column and a zero row: scale 1, values 0
+    q, s, stats = qt.quantize_slab(w, axis, block=block)
+    s0 = (np.max(np.abs(w), axis=axis, keepdims=True) / np.float32(127.0)).astype(BF16)
+    s0 = np.where(s0 == 0, np.asarray(1, BF16), s0)  # SPEC §3; a zero channel gets scale 1
+    q0 = np.clip(np.rint(w / s0.astype(np.float32)), -127, 127).astype(np.int8)
+    np.testing.assert_array_equal(q, q0)
+    assert s.tobytes() == s0.tobytes() and s.shape == s0.shape
+    ref = _spec3_stats(w, q0, s0)
+    for f in ("sum_sq_ref", "sum_sq_err", "sum_dot", "sum_sq_approx", "max_abs"):
+        assert getattr(stats, f) == pytest.approx(getattr(ref, f), rel=1e-5), f
+    assert stats.count == w.size
+
+
+def test_kernel_ties_divide_not_reciprocal():
+    """w = (k + ½)·s exactly: a true division gives the tie and rint rounds it to even; x·(1/s) does not."""
+    rng = np.random.default_rng(3)
+    cols = 512
+    s = (rng.uniform(1e-3, 1e-1, cols).astype(np.float32) / np.float32(127)).astype(BF16).astype(np.float32)
+    k = rng.integers(-126, 126, (400, cols)).astype(np.float32)
+    w = ((k + np.float32(0.5)) * s).astype(np.float32)
+    w[0] = np.float32(127) * s  # pins each column's absmax so its scale is s
+    for x in (w, np.nextafter(w, np.float32(np.inf)), np.nextafter(w, np.float32(-np.inf))):
+        x[0] = np.float32(127) * s
+        q, sc, _ = qt.quantize_slab(x, 0)
+        q0, s0 = spec3(x, 0)
+        np.testing.assert_array_equal(q, q0)
+        assert sc.tobytes() == s0.tobytes()
+
+
+@pytest.mark.parametrize("scale_dtype", [np.float32, BF16])
+def test_kernel_fallback_and_float32_scales(scale_dtype):
+    rng = np.random.default_rng(5)
+    w = (rng.standard_normal((64, 48)) * 0.02).astype(np.float32)
+    w[:, 3] *= np.float32(1e-36)  # a channel of tiny (subnormal-scale) weights: the exact fallback
+    q, s, _ = qt.quantize_slab(w, 0, scale_dtype)
+    a = np.max(np.abs(w), axis=0, keepdims=True)
+    s0 = (a / np.float32(127)).astype(scale_dtype)
+    s0 = np.where(s0 == 0, np.asarray(1, scale_dtype), s0)
+    q0 = np.clip(np.rint(w / s0.astype(np.float32)), -127, 127).astype(np.int8)
+    np.testing.assert_array_equal(q, q0)
+    assert s.tobytes() == s0.astype(scale_dtype).tobytes()
+    q2, _, _ = qt.quantize_slab(w[:, [0, 1, 2, 4]], 0, scale_dtype)  # the fast path on the rest
+    np.testing.assert_array_equal(q2, q0[:, [0, 1, 2, 4]])
+
+
+def test_quantize_columns_and_rows_fast_paths_match_reference():
+    rng = np.random.default_rng(9)
+    w = (rng.standard_normal((3, 64, 40)) * 0.05).astype(np.float32)
+    for blocks in (1, 8):
+        q, s, _ = qt.quantize_columns(w, blocks)
+        ref = qt.quantize(w, blocks)
+        np.testing.assert_array_equal(q, ref.values)
+        assert s.tobytes() == ref.scales.tobytes()
+    out = np.empty((64, 40), np.int8)
+    q, s, _ = qt.quantize_rows(w[0], q_out=out)
+    q0, s0 = spec3(w[0], 1)
+    assert q is out and np.array_equal(out, q0) and s.tobytes() == s0.tobytes()
+    q, s, _ = qt.quantize_rows(w[0], method="mse")
+    assert q.shape == (64, 40) and s.shape == (64, 1)
+
+
+def test_prefetch_order_errors_and_early_close():
+    assert list(cv.prefetch(iter(range(50)), depth=2)) == list(range(50))
+
+    def failing():
+        yield 1
+        raise OSError("disk gone")
+
+    it = cv.prefetch(failing())
+    assert next(it) == 1
+    with pytest.raises(OSError, match="disk gone"):
+        next(it)
+    produced = []
+
+    def endless():
+        i = 0
+        while True:
+            produced.append(i)
+            yield i
+            i += 1
+
+    it = cv.prefetch(endless(), depth=1)
+    assert next(it) == 0
+    it.close()  # stops (and joins) the reader
+    n = len(produced)
+    time.sleep(0.1)
+    assert len(produced) == n <= 4
+
+
+def _digests(out):
+    m = json.loads((out / st.MANIFEST).read_text())
+    return {(r["path"], p): a["sha256"] for r in m["tensors"] for p, a in r["arrays"].items()}, {
+        r["path"]: r.get("error") for r in m["tensors"]}
+
+
+def test_pipelined_small_slabs_equal_whole_tensor_serial(float_source, tmp_path, monkeypatch):
+    """Tiny slabs (many read-ahead steps, many kernel blocks) and 2 workers give the same arrays as
+    whole-tensor slabs, and both equal the plain reference formula applied to whole tensors."""
+    src, weights = float_source
+    opts = dict(embeddings="int8")
+    quantize_checkpoint(src, tmp_path / "big", QuantizeOptions(**opts))
+    monkeypatch.setattr(qt, "KERNEL_BLOCK", 97)
+    orig = cv.produce
+
+    def small(source, job, o, budget, counter, result):
+        return orig(source, job, o, 64 * 1024, counter, result)  # a few rows/columns per slab
+
+    monkeypatch.setattr(cv, "produce", small)
+    quantize_checkpoint(src, tmp_path / "small", QuantizeOptions(workers=2, **opts))
+    d_big, e_big = _digests(tmp_path / "big")
+    d_small, e_small = _digests(tmp_path / "small")
+    assert d_big == d_small
+    for path, e in e_big.items():
+        if e is not None:
+            for k in ("sum_sq_ref", "sum_sq_err", "sum_dot", "sum_sq_approx", "max_abs"):
+                assert e_small[path][k] == pytest.approx(e[k], rel=1e-5), (path, k)
+    s = open_checkpoint(tmp_path / "small")
+    import hashlib
+
+    for e in s.table:
+        w = np.asarray(weights[e.path], np.float32)
+        if e.quantized or e.name == "embeddings":
+            q, sc = spec3(w, axis=-2 if e.quantized else -1)
+            assert d_small[(e.path, "weight")] == hashlib.sha256(q.tobytes()).hexdigest(), e.path
+            assert d_small[(e.path, "scales")] == hashlib.sha256(sc.tobytes()).hexdigest(), e.path

@@ -98,3 +98,49 @@ def test_uncompressed_store_same_digests(tiny_dir, tiny_store, tmp_path):
     a = json.loads((tiny_store / st.MANIFEST).read_text())["tensors"]
     b = json.loads((tmp_path / "raw" / st.MANIFEST).read_text())["tensors"]
     assert [r["arrays"] for r in a] == [r["arrays"] for r in b]
+
+
+def test_array_writer_async_hash_and_fsync_at_close(tmp_path, monkeypatch):
+    """Chunk files are written without TensorStore's per-file fsync; close() fsyncs every file and
+    directory of the array (and the directories above it) before it returns the digest."""
+    synced = []
+    real = st._fsync_path
+    monkeypatch.setattr(st, "_fsync_path", lambda p, directory=False: (synced.append(str(p)), real(p, directory))[1])
+    x = np.arange(64 * 32, dtype=np.float32).reshape(64, 32)
+    w = st.ArrayWriter(tmp_path, "a/b/weight", x.shape, x.dtype, (16, 32), max_in_flight=3, max_in_flight_bytes=1)
+    assert w.array.spec(retain_context=True).to_json()["kvstore"]["file_io_sync"] is False
+    for i in range(4):
+        w.write((slice(16 * i, 16 * i + 16), slice(None)), x[16 * i : 16 * i + 16])
+    assert synced == []
+    digest = w.close()
+    assert digest == hashlib.sha256(x.tobytes()).hexdigest()
+    files = {str(p) for p in (tmp_path / "a/b/weight").rglob("*") if p.is_file()}
+    assert len(files) == 5 and files <= set(synced)  # 4 chunks + zarr.json
+    for d in ("a/b/weight", "a/b", "a", ""):
+        assert str(tmp_path / d).rstrip("/") in {s.rstrip("/") for s in synced}, d
+    np.testing.assert_array_equal(st.open_array(tmp_path, "a/b/weight").read().result(), x)
+    keep = st.ArrayWriter(tmp_path, "c", (4,), np.int8, (4,), fsync_each_write=True)
+    assert keep.array.spec(retain_context=True).to_json()["kvstore"]["file_io_sync"] is True
+    keep.write((slice(None),), np.ones(4, np.int8))
+    keep.close()
+
+
+def test_complete_flag_only_after_every_array_is_synced(tiny_dir, tmp_path, monkeypatch):
+    synced, bad = set(), []
+    real_sync, real_manifest = st.sync_tree, st.write_manifest
+
+    def sync_tree(root, key):
+        real_sync(root, key)
+        synced.add(key)
+
+    def write_manifest(root, manifest):
+        if manifest.get("complete"):
+            keys = {a["key"] for r in manifest["tensors"] for a in r["arrays"].values()}
+            bad.extend(sorted(keys - synced))
+        real_manifest(root, manifest)
+
+    monkeypatch.setattr(st, "sync_tree", sync_tree)
+    monkeypatch.setattr(st, "write_manifest", write_manifest)
+    quantize_checkpoint(tiny_dir / "release_layout", tmp_path / "s")
+    assert json.loads((tmp_path / "s" / st.MANIFEST).read_text())["complete"] is True
+    assert len(synced) == 146 + 84 and bad == []
