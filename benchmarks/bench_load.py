@@ -1,7 +1,7 @@
 """Benchmark loading onto 8 (fake CPU) devices on an 8-way model axis: a resharded store vs the
 release pickles loaded the original way.
 
-    .venv/bin/python benchmarks/bench_load.py [--dir /tmp/slncx-bench-load] [--keep]
+    .venv/bin/python benchmarks/bench_load.py [--dir /tmp/slncx-bench-load] [--keep] [--repeat N]
 
 Data: one synthetic full-size SLNCX layer — the 12 tensors of decoder layer 0 with the SLNCX shapes
 (MoE int8 [8, 6144, 32768] × 3, attention int8, R = 8 / R = 1 bf16 scales, norms, router), written
@@ -80,14 +80,18 @@ def io_counters() -> dict:
     return out
 
 
-def run_original(ckpt_dir: Path, shm: Path) -> dict:
+def run_original(ckpt_dir: Path, shm: Path, unpickle: bool = True) -> dict:
     """The issue's "original approach", as the original loader does it: per file, copy it fully to
     /dev/shm, `pickle.load` it (a stub `QuantizedWeight8bit` in __main__, as the original loader's
     module provides), then `jax.device_put` with the NamedSharding, which slices it per device.
 
     Unpickling a bf16 array re-initialises numpy's shared bfloat16 dtype (flags 64 -> 80), after
     which JAX rejects every bf16 array (see tests/pickle_oracle.py); we put the dtype's state back
-    after each load (a few microseconds), the files being our own synthetic ones (trusted)."""
+    after each load (a few microseconds), the files being our own synthetic ones (trusted).
+
+    `unpickle=False` ("original-safe", a reference row): the same, but step 2 is our safe reader's
+    full read of the /dev/shm copy (one read into a numpy buffer) instead of `pickle.load` (which
+    reads into a bytes object first) — the stand-in earlier versions of this benchmark used."""
     import pickle
 
     import jax
@@ -122,10 +126,15 @@ def run_original(ckpt_dir: Path, shm: Path) -> dict:
     for e, lays in plans:
         dst = shm / e.file
         shutil.copyfile(ckpt_dir / e.file, dst)  # 1. copy the file fully
-        with open(dst, "rb") as f:
-            obj = pickle.load(f)  # 2. unpickle it (the whole tensor in memory)
-        bf16.__setstate__(bf16_state)
-        values = {"array": obj} if isinstance(obj, np.ndarray) else {"weight": obj.weight, "scales": obj.scales}
+        if unpickle:
+            with open(dst, "rb") as f:
+                obj = pickle.load(f)  # 2. unpickle it (the whole tensor in memory)
+            bf16.__setstate__(bf16_state)
+            values = {"array": obj} if isinstance(obj, np.ndarray) else {"weight": obj.weight, "scales": obj.scales}
+        else:
+            shm_ckpt = ReleaseCheckpoint(shm, config=cfg)
+            obj = None
+            values = {part: shm_ckpt.read_part(e, part) for part in lays}  # 2'. full safe read
         for part, lay in lays.items():
             full = values[part]
             per_device += full.nbytes  # every device's piece comes from the whole tensor
@@ -136,7 +145,8 @@ def run_original(ckpt_dir: Path, shm: Path) -> dict:
             arrays.append(jax.device_put(stacked, NamedSharding(mesh, spec)))
             del full, stacked
         del obj, values
-        os.remove(dst)
+        if e.index:  # (file 0 stays: the safe reader wants it present; it is tiny here)
+            os.remove(dst)
     jax.block_until_ready(arrays)
     seconds = time.perf_counter() - t0
     shutil.rmtree(shm, ignore_errors=True)
@@ -168,8 +178,8 @@ def run_resharded(store: Path) -> dict:
 
 def child(args) -> None:
     before = io_counters()
-    if args.run == "original":
-        out = run_original(Path(args.ckpt), Path(args.shm))
+    if args.run in ("original", "original-safe"):
+        out = run_original(Path(args.ckpt), Path(args.shm), unpickle=args.run == "original")
     else:
         out = run_resharded(Path(args.store))
     after = io_counters()
@@ -197,7 +207,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--dir", default="/tmp/slncx-bench-load")
     ap.add_argument("--keep", action="store_true")
-    ap.add_argument("--run", choices=["original", "resharded"])
+    ap.add_argument("--repeat", type=int, default=1, help="runs per method (alternating); the median is reported")
+    ap.add_argument("--run", choices=["original", "original-safe", "resharded"])
     ap.add_argument("--ckpt")
     ap.add_argument("--store")
     ap.add_argument("--shm")
@@ -222,22 +233,29 @@ def main() -> None:
         reshard_checkpoint(ckpt, store, "8x1")
         print(f"reshard --mesh 8x1: {time.perf_counter() - t:.1f} s", flush=True)
     shm = Path("/dev/shm/slncx-bench-load") if shutil.disk_usage("/dev/shm").free > 3 * 1024**3 else root / "copy"
-    results = {}
-    for method in ("original", "resharded"):
-        dropped = drop_caches()
-        cmd = [sys.executable, __file__, "--run", method, "--ckpt", str(ckpt), "--store", str(store), "--shm", str(shm)]
-        p = subprocess.run(cmd, capture_output=True, text=True)
-        if p.returncode:
-            sys.exit(f"{method} failed:\n{p.stderr[-3000:]}")
-        results[method] = dict(json.loads(p.stdout.strip().splitlines()[-1]), cold=dropped)
+    runs: dict = {"original": [], "original-safe": [], "resharded": []}
+    for _ in range(max(1, args.repeat)):  # alternate the methods, so machine load hits both alike
+        for method in runs:
+            dropped = drop_caches()
+            cmd = [sys.executable, __file__, "--run", method, "--ckpt", str(ckpt), "--store", str(store), "--shm", str(shm)]
+            p = subprocess.run(cmd, capture_output=True, text=True)
+            if p.returncode:
+                sys.exit(f"{method} failed:\n{p.stderr[-3000:]}")
+            runs[method].append(dict(json.loads(p.stdout.strip().splitlines()[-1]), cold=dropped, load=os.getloadavg()[0]))
+            print(f"  {method}: {runs[method][-1]['seconds']:.2f} s (load average {os.getloadavg()[0]:.1f})", flush=True)
+    # the median run of each method (by seconds)
+    results = {m: dict(sorted(rs, key=lambda x: x["seconds"])[(len(rs) - 1) // 2], all_seconds=[round(x["seconds"], 2) for x in rs])
+               for m, rs in runs.items()}
     o, r = results["original"], results["resharded"]
     print(f"\n{'method':<28} {'seconds':>8} {'read/device':>12} {'process rchar':>14} {'disk read':>10} {'peak RSS':>9} {'cache':>7}")
-    for name, x in (("release pickles (original)", o), ("resharded store 8x1", r)):
+    for name, x in (("release pickles (original)", o), ("  same, safe read, no unpickle", results["original-safe"]),
+                    ("resharded store 8x1", r)):
         print(f"{name:<28} {x['seconds']:>8.2f} {gb(x['read_per_device']):>12} {gb(x['rchar']):>14} {gb(x['disk_read']):>10} "
               f"{gb(x['peak_rss']):>9} {'cold' if x['cold'] else 'warm':>7}")
     print(f"speed-up {o['seconds'] / r['seconds']:.1f}x, read per device {o['read_per_device'] / r['read_per_device']:.1f}x less, "
           f"peak RSS {o['peak_rss'] / r['peak_rss']:.1f}x less; resharded bytes requested {gb(r['requested'])} "
           f"(= the 8 devices' chunks)")
+    print(f"(vs the safe-read variant of the original: {results['original-safe']['seconds'] / r['seconds']:.1f}x)")
     print(json.dumps(results))
     if not args.keep:
         shutil.rmtree(root, ignore_errors=True)

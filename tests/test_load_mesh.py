@@ -158,3 +158,104 @@ def test_sample_style_mesh_string(stores, reference):
     host, *_ = reference
     assert_same_values(load_sharded(open_checkpoint(stores("8x1")), "8x1"), host)
     assert_same_values(load_params(open_checkpoint(stores("8x1"))), host)
+
+
+# --- the direct chunk read (Store.read_part_into) ----------------------------------------------------
+
+def _chunk_reads(ckpt):
+    """(entry, part, chunk slices, shard shape, dtype) for every chunk of every array of a store."""
+    from slncx_tools.reshard import chunk_slices
+
+    for e in ckpt.table:
+        for part, info in ckpt.record(e)["arrays"].items():
+            chunks = tuple(info["chunks"])
+            grid = [n // c for n, c in zip(info["shape"], chunks)]
+            for c in np.ndindex(*grid):
+                yield e, part, chunk_slices(c, chunks), chunks, st.DTYPES[info["dtype"]]
+
+
+@pytest.mark.parametrize("direct", ["1", "0"])
+def test_read_part_into_equals_read_part(direct, stores, monkeypatch):
+    """Every chunk of an uncompressed store read straight into a buffer (O_DIRECT or buffered)
+    equals TensorStore's read of the same slab, and counts the same bytes."""
+    from slncx_tools.load import aligned_empty
+
+    monkeypatch.setenv("SLNCX_DIRECT_IO", direct)
+    ours, ref = open_checkpoint(stores("4x2")), open_checkpoint(stores("4x2"))
+    n = 0
+    for e, part, idx, shape, dtype in _chunk_reads(ours):
+        out = aligned_empty(shape, dtype)
+        assert ours.read_part_into(e, part, idx, out)
+        np.testing.assert_array_equal(out, ref.read_part(e, part, idx), err_msg=f"{e.path}/{part}")
+        n += 1
+    assert n > 100 and ours.bytes_read == ref.bytes_read
+    assert ours._direct_io["ok"] == (direct == "1")
+
+
+def test_read_part_into_refuses_what_is_not_one_raw_chunk(stores):
+    """Compressed arrays, slabs that are not exactly one chunk and dtype mismatches read nothing
+    (False) so the loader falls back to TensorStore; unaligned buffers are read without O_DIRECT."""
+    from slncx_tools.load import aligned_empty
+
+    zstd = open_checkpoint(stores("store"))  # quantize's default layout: zstd
+    e = next(e for e in zstd.table if e.name == "moe/linear_1/w")
+    chunks = tuple(zstd.record(e)["arrays"]["weight"]["chunks"])
+    assert not zstd.read_part_into(e, "weight", tuple(slice(0, c) for c in chunks), aligned_empty(chunks, np.int8))
+    raw = open_checkpoint(stores("8x1"))
+    info = raw.record(e)["arrays"]["weight"]
+    chunks = tuple(info["chunks"])
+    whole = tuple(slice(0, c) for c in chunks)
+    assert not raw.read_part_into(e, "weight", whole[:-1] + (slice(1, chunks[-1] + 1),), aligned_empty(chunks, np.int8))
+    assert not raw.read_part_into(e, "weight", whole, aligned_empty(chunks, np.float32))
+    assert not raw.read_part_into(e, "weight", whole, aligned_empty((chunks[0] * 2,) + chunks[1:], np.int8)[::2])
+    assert raw.bytes_read == 0 and zstd.bytes_read == 0
+    unaligned = np.empty(int(np.prod(chunks)) + 1, np.int8)[1:].reshape(chunks)
+    assert raw.read_part_into(e, "weight", whole, unaligned)
+    np.testing.assert_array_equal(unaligned, raw.read_part(e, "weight", whole))
+
+
+def test_read_part_into_missing_and_truncated_chunks(stores, tmp_path):
+    """A chunk file TensorStore never wrote reads as the fill value; a truncated one is an error."""
+    import shutil
+
+    from slncx_tools.errors import FormatError
+    from slncx_tools.load import aligned_empty
+
+    root = tmp_path / "s"
+    shutil.copytree(stores("8x1"), root)
+    ckpt = open_checkpoint(root)
+    e = next(e for e in ckpt.table if e.name == "multi_head_attention/query/w")
+    info = ckpt.record(e)["arrays"]["weight"]
+    chunks = tuple(info["chunks"])
+    files = sorted(p for p in (root / info["key"] / "c").rglob("*") if p.is_file())
+    files[0].unlink()
+    out = aligned_empty(chunks, np.int8)
+    out[...] = 7
+    assert ckpt.read_part_into(e, "weight", tuple(slice(0, c) for c in chunks), out)
+    assert not out.any() and ckpt.bytes_read == out.nbytes
+    with open(files[1], "r+b") as f:
+        f.truncate(100)
+    first = tuple(int(x) for x in files[1].relative_to(root / info["key"] / "c").parts)
+    idx = tuple(slice(i * c, (i + 1) * c) for i, c in zip(first, chunks))
+    with pytest.raises(FormatError, match="100 bytes"):
+        ckpt.read_part_into(e, "weight", idx, out)
+
+
+def test_loaded_cpu_pieces_are_the_read_buffers(stores):
+    """On CPU devices each piece is adopted without a copy: its buffer is page-aligned (numpy's own
+    allocations are 16-aligned, so a copy made by jax would not be, bar chance) and the host RSS
+    holds the weights once."""
+    params = load_params(open_checkpoint(stores("8x1")), make_mesh("8x1"))
+    w = params["layers"]["moe/linear_1/w"].values
+    ptrs = [s.data.unsafe_buffer_pointer() for s in w.addressable_shards]
+    assert len(set(ptrs)) == 8 and all(p % 4096 == 0 for p in ptrs)
+
+
+def test_aligned_empty_is_adopted_by_device_put():
+    from slncx_tools.load import aligned_empty
+
+    x = aligned_empty((3, 1000), np.int8)
+    x[...] = 1
+    y = jax.device_put(x, jax.devices()[2])
+    assert x.ctypes.data % 4096 == 0 and y.unsafe_buffer_pointer() == x.ctypes.data
+    np.testing.assert_array_equal(np.asarray(y), x)
