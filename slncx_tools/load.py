@@ -151,10 +151,15 @@ def load_params(ckpt, mesh=None, *, progress: ProgressFn = null_progress) -> dic
     return load_sharded(ckpt, mesh, progress=progress)
 
 
-def load_sharded(ckpt, mesh, *, progress: ProgressFn = null_progress, workers: int = 8) -> dict:
+def load_sharded(ckpt, mesh, *, progress: ProgressFn = null_progress, workers: int = 8,
+                 stream: Optional[bool] = None) -> dict:
     """The per-device loader: global arrays on `mesh` (a jax Mesh or a mesh string), each addressable
-    device's piece read by `workers` threads. Host memory peaks at about `workers` device pieces of
-    one (stacked) weight."""
+    device's piece read by `workers` threads straight into its final page-aligned host buffer.
+
+    CPU devices (the default for `stream=None` when every device is a CPU) adopt those buffers
+    without a copy, so host memory is the loaded weights themselves. Elsewhere (`stream=True`) each
+    layer of a stacked weight is read, put on its devices and freed on its own, and the layers are
+    joined on the devices: host memory peaks at about `workers` single-layer slabs."""
     import jax
     from jax.sharding import NamedSharding, PartitionSpec
 
@@ -222,32 +227,64 @@ def load_sharded(ckpt, mesh, *, progress: ProgressFn = null_progress, workers: i
     done = [0]
     lock = threading.Lock()
 
-    def read_piece(li: int, key: tuple, devices: list):
+    def read_piece(li: int, key: tuple, devices: list, layer: Optional[int] = None):
+        """One device piece of leaf `li` onto `devices`; with `layer`, only that layer's [1, ...]
+        slab of a stacked piece (streaming)."""
         _slot, entries, part, lay, dtype, stacked = leaves[li]
+        if layer is not None:
+            key = (slice(layer, layer + 1),) + key[1:]
         # The piece's final host buffer, page-aligned so that jax.device_put onto a CPU device adopts
         # it without a copy (an accelerator copies it and we drop it right after). Each layer's slab
         # is read straight into it: one positioned read of its chunk file for a resharded store.
         out = aligned_empty(tuple(s.stop - s.start for s in key), dtype)
         if stacked:
-            for i, layer in enumerate(range(key[0].start, key[0].stop)):
-                _read_into(ckpt, entries[layer], part, lay, key[1:], out[i])
+            for i, layer_i in enumerate(range(key[0].start, key[0].stop)):
+                _read_into(ckpt, entries[layer_i], part, lay, key[1:], out[i])
         else:
             _read_into(ckpt, entries[0], part, lay, key, out)
         arrays = [jax.device_put(out, d) for d in devices]
+        if not adopt:
+            jax.block_until_ready(arrays)  # the host buffer is free once this returns
         with lock:
             done[0] += out.nbytes
             progress(done[0], total, entries[0].path)
         return arrays
 
+    # CPU devices adopt a whole stacked piece [L, ...] read into one host buffer (no copy; that buffer
+    # is the device memory). Accelerators stream: each layer's slab is read into a small host buffer,
+    # put on its devices and freed, then the L layers of a leaf are joined on the devices (one
+    # concatenate per leaf, sharded like the leaf), so host memory peaks at about `workers` slabs.
+    if stream is None:
+        stream = any(d.platform != "cpu" for d in mesh.devices.flat)
+    adopt = not stream
+
+    def submit(pool, li: int, pieces: list):
+        if stream and leaves[li][5]:
+            n = len(leaves[li][1])
+            return [[pool.submit(read_piece, li, key, devs, layer) for key, devs in pieces] for layer in range(n)]
+        return [[pool.submit(read_piece, li, key, devs) for key, devs in pieces]]
+
     from concurrent.futures import ThreadPoolExecutor
 
     progress(0, total, "")
+    built = []
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        futures = [[pool.submit(read_piece, li, key, devs) for key, devs in pieces] for li, _sh, _s, pieces in tasks]
-        built = []
-        for (li, shape, sharding, _p), fs in zip(tasks, futures):
-            arrays = [a for f in fs for a in f.result()]
-            built.append(jax.make_array_from_single_device_arrays(shape, sharding, arrays))
+        if not stream:
+            futures = [submit(pool, li, pieces) for li, _sh, _s, pieces in tasks]
+        else:  # one leaf ahead, so that device memory holds at most two leaves' layer slabs
+            futures = [submit(pool, tasks[0][0], tasks[0][3])] if tasks else []
+        for t, (li, shape, sharding, _p) in enumerate(tasks):
+            if stream and t + 1 < len(tasks):
+                futures.append(submit(pool, tasks[t + 1][0], tasks[t + 1][3]))
+            groups = futures[t]
+            futures[t] = None
+            if len(groups) == 1:
+                built.append(jax.make_array_from_single_device_arrays(shape, sharding, [a for f in groups[0] for a in f.result()]))
+                continue
+            one = (1,) + tuple(shape[1:])
+            layers = [jax.make_array_from_single_device_arrays(one, sharding, [a for f in g for a in f.result()]) for g in groups]
+            built.append(_concat_layers(sharding)(*layers))
+            del layers
 
     params: dict = {"layers": {}}
     for (slot, *_rest), arr in zip(leaves, built):
@@ -267,6 +304,21 @@ def load_sharded(ckpt, mesh, *, progress: ProgressFn = null_progress, workers: i
 
         params["embeddings"] = QEmbedding(params["embeddings"]["weight"], params["embeddings"]["scales"])
     return params
+
+
+_CONCAT: dict = {}
+
+
+def _concat_layers(sharding):
+    """A jitted concatenate of [1, ...] layer arrays into the stacked [L, ...] leaf, laid out by
+    `sharding` (cached per sharding; jit caches per shape)."""
+    import jax
+    import jax.numpy as jnp
+
+    fn = _CONCAT.get(sharding)
+    if fn is None:
+        fn = _CONCAT[sharding] = jax.jit(lambda *xs: jnp.concatenate(xs, axis=0), out_shardings=sharding)
+    return fn
 
 
 ALIGN = 4096  # >= XLA's CPU minimum alignment (64) for zero-copy device_put; also O_DIRECT-safe

@@ -259,3 +259,20 @@ def test_aligned_empty_is_adopted_by_device_put():
     y = jax.device_put(x, jax.devices()[2])
     assert x.ctypes.data % 4096 == 0 and y.unsafe_buffer_pointer() == x.ctypes.data
     np.testing.assert_array_equal(np.asarray(y), x)
+
+
+@pytest.mark.parametrize("mesh,source", [("8x1", "8x1"), ("4x2", "4x2"), ("2x4", "release")])
+def test_streaming_layer_by_layer(mesh, source, stores, reference, tiny_dir):
+    """The accelerator path (each layer's slab put on its devices on its own, layers joined on the
+    devices), forced on CPU: same arrays and shardings, the same bytes read."""
+    from slncx_tools.load import load_sharded
+
+    host, *_ = reference
+    ckpt = open_checkpoint(tiny_dir / "release_layout" if source == "release" else stores(source))
+    jmesh = make_mesh(mesh)
+    params = load_sharded(ckpt, jmesh, stream=True, workers=3)
+    assert_same_values(params, host)
+    assert ckpt.bytes_read == local_piece_bytes(params)
+    ref = load_sharded(open_checkpoint(tiny_dir / "release_layout" if source == "release" else stores(source)), jmesh)
+    for (path, a), (_p, b) in zip(leaves(params), leaves(ref), strict=True):
+        assert a.sharding == b.sharding, jax.tree_util.keystr(path)
