@@ -226,9 +226,12 @@ def _combine(gates, out, dt):
 
 
 def auto_tile(assignments: int, experts: int) -> int:
-    """Rows per matmul tile: 1 when decoding (a handful of assignments), else about half an
-    expert's average share, a power of two in [1, 128] (padding ≤ experts·(tile−1) rows)."""
-    return int(min(128, max(1, 2 ** int(np.ceil(np.log2(max(assignments // (2 * experts), 1)))))))
+    """Rows per matmul tile: an expert's average share of the assignments rounded up to a power of
+    two, in [1, 256] — 1 when decoding a few rows, so an expert typically runs 1-2 tiles at prefill.
+    Each tile call re-reads (and on CPU re-packs) the expert's whole dequantized matrices, so few
+    big tiles beat many small ones even though padding (≤ experts·(tile−1) rows) grows."""
+    share = -(-assignments // experts)
+    return int(min(256, 2 ** int(np.ceil(np.log2(max(share, 1))))))
 
 
 def moe_grouped(p: dict, x: jax.Array, cfg: ModelConfig, dt=BF16, tile: Optional[int] = None) -> jax.Array:
