@@ -10,7 +10,8 @@ getrusage), with the page cache dropped first when we are allowed to:
   1. release -> store (default: int8 carried, float embeddings kept), zstd:1
   2. float attention weights + `--embeddings int8` (the float quantize path)
 
-and compares with a sequential write+read of a file of similar size (dd-like) in the same run.
+and compares with a sequential write+read (fsync, dd-like) of a 4 GB file measured before the first
+job and again after each one (each job is held against the mean of its two neighbouring probes).
 """
 
 from __future__ import annotations
@@ -118,7 +119,8 @@ def run_quantize(src: Path, out: Path, *args) -> dict:
     code = (
         "import json,resource,sys,time;from slncx_tools.convert import QuantizeOptions,quantize_checkpoint;"
         "t=time.perf_counter();r=quantize_checkpoint(sys.argv[1],sys.argv[2],QuantizeOptions(**json.loads(sys.argv[3])));"
-        "r['seconds']=time.perf_counter()-t;r['rss']=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss*1024;"
+        "r['seconds']=time.perf_counter()-t;u=resource.getrusage(resource.RUSAGE_SELF);r['rss']=u.ru_maxrss*1024;"
+        "r['cpu']=[u.ru_utime,u.ru_stime];"
         "print(json.dumps(r,default=str))"
     )
     opts = json.dumps(dict(a.split("=", 1) for a in args)) if args else "{}"
@@ -150,6 +152,7 @@ def main():
         fsrc_bytes = build(base / "float" / "ckpt-0", cfg, float_attention=True, link_from=base / "release" / "ckpt-0")
         gen_s = time.perf_counter() - t0
         wbw, rbw, dropped = disk_bandwidth(base, 4 * 1024**3)
+        probes = [(wbw, rbw)]
         rows = []
         r3 = None
         for name, src, nbytes, out, args in (
@@ -163,6 +166,11 @@ def main():
             load0 = os.getloadavg()[0]
             r = run_quantize(base / src, base / out, *args)
             r["load"] = (load0, os.getloadavg()[0])  # other work on the machine skews the numbers
+            # this machine's disk is shared and its speed drifts: probe it again after every job and
+            # hold each job against the mean of the probes just before and just after it
+            w2, r2, _ = disk_bandwidth(base, 4 * 1024**3)
+            r["disk"] = ((probes[-1][0] + w2) / 2, (probes[-1][1] + r2) / 2)
+            probes.append((w2, r2))
             shutil.rmtree(base / out, ignore_errors=True)
             label = {"carry": "release -> store (carry int8, f32 emb), zstd:1", "raw": "release -> store, no compression",
                      "float": "float attn + emb -> int8, int8 MoE carried"}[name]
@@ -173,14 +181,17 @@ def main():
         print(f"synthetic checkpoint: SLNCX, 1 layer + full embedding: {src_bytes / 1e9:.2f} GB "
               f"(+ float variant {fsrc_bytes / 1e9:.2f} GB), generated in {gen_s:.0f} s")
         print(f"raw disk: write {wbw / 1e9:.2f} GB/s (fsync), read {rbw / 1e9:.2f} GB/s "
-              f"({'page cache dropped' if dropped else 'cache NOT dropped: reads may be cached'})")
+              f"({'page cache dropped' if dropped else 'cache NOT dropped: reads may be cached'}); "
+              "probed again after each job: " + ", ".join(f"w {w / 1e9:.2f} r {x / 1e9:.2f}" for w, x in probes[1:]))
         print(f"{'job':<48} {'in GB':>7} {'out GB':>7} {'s':>6} {'GB/s in':>8} {'disk-bound GB/s':>15} {'% of disk':>9} {'peak RSS':>9}")
         for name, nbytes, r in rows:
             out_b = r["out_bytes_on_disk"]
-            bound = nbytes / (nbytes / rbw + out_b / wbw)  # read then write, no overlap
+            jw, jr = r["disk"]
+            bound = nbytes / (nbytes / jr + out_b / jw)  # read then write, no overlap
             rate = nbytes / r["seconds"]
             print(f"{name:<48} {nbytes / 1e9:>7.2f} {out_b / 1e9:>7.2f} {r['seconds']:>6.1f} {rate / 1e9:>8.2f} "
                   f"{bound / 1e9:>15.2f} {100 * rate / bound:>8.0f}% {r['rss'] / 1e9:>7.2f} GB")
+        print("CPU seconds (user+sys) per job: " + ", ".join(f"{sum(r['cpu']):.0f} ({r['cpu'][1]:.0f} sys)" for _, _, r in rows))
         print("1-min load average before/after each job (this machine has %d cores): %s" % (
             os.cpu_count(), ", ".join(f"{r['load'][0]:.1f}/{r['load'][1]:.1f}" for _, _, r in rows)))
         g = {x["group"]: x for x in r3["groups"]} if r3 else {}
