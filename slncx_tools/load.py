@@ -5,7 +5,10 @@
 numeric layer order on a leading (replicated) layer axis. Each device's piece is read straight from
 disk for that device only (`ckpt.read_part` slab reads: positioned reads of a release pickle, or the
 chunks of a store; for a store written by `reshard` for this mesh, exactly one chunk per array per
-device), so no host ever holds a full tensor. A piece replicated over several local devices (norms,
+device), so no host ever holds a full tensor. An uncompressed chunk (reshard's default) is read with
+one positioned read (O_DIRECT where the filesystem allows; `SLNCX_DIRECT_IO=0` turns it off) straight
+into the piece's final page-aligned buffer, which a CPU device adopts without a copy; accelerators
+get the pieces layer by layer (see `load_sharded`). A piece replicated over several local devices (norms,
 or a weight sharded over "model" only on a mesh with a data axis) is read once and copied to each.
 
 Quantized weights load as `QWeight(values, scales)`. Scales [..., R, out] with R > 1 are split like
@@ -240,8 +243,8 @@ def load_sharded(ckpt, mesh, *, progress: ProgressFn = null_progress, workers: i
         if stacked:
             for i, layer_i in enumerate(range(key[0].start, key[0].stop)):
                 _read_into(ckpt, entries[layer_i], part, lay, key[1:], out[i])
-        else:
-            _read_into(ckpt, entries[0], part, lay, key, out)
+        elif not _read_direct(ckpt, entries[0], part, lay, key, out):  # (no copy into `out` then)
+            out = _read_slab(ckpt, entries[0], part, lay, key).astype(dtype, copy=False)
         arrays = [jax.device_put(out, d) for d in devices]
         if not adopt:
             jax.block_until_ready(arrays)  # the host buffer is free once this returns
@@ -333,13 +336,17 @@ def aligned_empty(shape: tuple, dtype) -> np.ndarray:
     return raw[off : off + nbytes].view(dtype).reshape(shape)
 
 
+def _read_direct(ckpt, entry: ParamSpec, part: str, lay, index: tuple, out: np.ndarray) -> bool:
+    """Read one device's slab straight from its chunk file into `out` when the checkpoint can
+    (store.Store.read_part_into: the slab is one uncompressed chunk of the loaded dtype)."""
+    return not lay.regridded and hasattr(ckpt, "read_part_into") and ckpt.read_part_into(entry, part, index, out)
+
+
 def _read_into(ckpt, entry: ParamSpec, part: str, lay, index: tuple, out: np.ndarray) -> None:
-    """Fill `out` with one device's slab: straight from the chunk file when the checkpoint can
-    (store.Store.read_part_into: the slab is one uncompressed chunk of the loaded dtype), else via
-    `_read_slab` (TensorStore / release positioned reads, re-gridding, dtype conversion)."""
-    if not lay.regridded and hasattr(ckpt, "read_part_into") and ckpt.read_part_into(entry, part, index, out):
-        return
-    out[...] = _read_slab(ckpt, entry, part, lay, index)
+    """Fill `out` with one device's slab: `_read_direct`, else via `_read_slab` (TensorStore /
+    release positioned reads, re-gridding, dtype conversion) and a copy."""
+    if not _read_direct(ckpt, entry, part, lay, index, out):
+        out[...] = _read_slab(ckpt, entry, part, lay, index)
 
 
 def _read_slab(ckpt, entry: ParamSpec, part: str, lay, index: tuple) -> np.ndarray:
