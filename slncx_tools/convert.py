@@ -3,7 +3,9 @@
 The reusable pieces (a reshard pipeline builds on them):
 
 - `produce_*` functions turn one source tensor into a stream of `Slab(part, index, data)` events,
-  every part in C order, one part after another, bounded by a byte budget;
+  every part in C order, one part after another, bounded by a byte budget; their reads run one
+  slab ahead in a reader thread (`prefetch`) and float slabs go through the fused kernel
+  `quant.quantize_slab`, so reading, quantizing and the sink's asynchronous hashing/writing overlap;
 - `StoreSink` / `write_release_entry` consume such a stream into zarr3 arrays (chunk-aligned,
   hashed on the way) or into a release pickle;
 - `Journal` makes a job resumable: one record per finished tensor, checked on rerun;
