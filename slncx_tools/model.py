@@ -225,54 +225,63 @@ def _combine(gates, out, dt):
     return jnp.sum(out * gates.astype(dt).astype(F32)[..., None], axis=1).astype(dt)
 
 
-def auto_tile(assignments: int, experts: int) -> int:
-    """Rows per matmul tile: an expert's average share of the assignments rounded up to a power of
-    two, in [1, 256] — 1 when decoding a few rows, so an expert typically runs 1-2 tiles at prefill.
-    Each tile call re-reads (and on CPU re-packs) the expert's whole dequantized matrices, so few
-    big tiles beat many small ones even though padding (≤ experts·(tile−1) rows) grows."""
-    share = -(-assignments // experts)
-    return int(min(256, 2 ** int(np.ceil(np.log2(max(share, 1))))))
+def row_buckets(rows: int) -> tuple:
+    """The static matmul sizes an expert's rows are run in: 1, 2, 4, 8, every multiple of 8 up to 64,
+    then multiples of 8 growing by ~1.25x (80, 104, 136, ...), the last one `rows` (an expert never
+    has more rows than there are tokens). An expert with c rows runs one matmul of the smallest size
+    ≥ c: at most 7 wasted rows up to 64, under 25 % beyond; ~2·log2(rows) sizes (compiled branches)."""
+    sizes, b = [], 1
+    while b < rows:
+        sizes.append(b)
+        b = b * 2 if b < 8 else b + 8 if b < 64 else (b * 5 // 4 + 7) // 8 * 8
+    return tuple(sizes) + (max(rows, 1),)
 
 
 def moe_grouped(p: dict, x: jax.Array, cfg: ModelConfig, dt=BF16, tile: Optional[int] = None) -> jax.Array:
-    """Top-k MoE computing only the selected experts: sort the (token, expert) assignments by
-    expert, pad each expert's group to a multiple of `tile` rows, then loop over the experts: an
-    expert with rows is dequantized once and run over its own tiles (a loop with a dynamic trip
-    count), an expert without rows is skipped. x: [N, D] -> `dt` [N, D]. Exact (no capacity drops);
-    matmul work ≈ N·k rows + ≤ E·(tile−1) pad; dequantization ≤ min(E, N·k) experts per layer."""
+    """Top-k MoE computing only the selected experts. The (token, expert) assignments are sorted by
+    expert; then a loop over the experts: an expert with rows is dequantized once and runs its
+    contiguous rows in one matmul of a static size (the smallest of `row_buckets(N)` that holds
+    them, chosen with lax.switch; rows past its own are computed and discarded), an expert without
+    rows is skipped. With `tile`, an expert's rows run in tiles of exactly `tile` rows instead (a
+    loop with a dynamic trip count). x: [N, D] -> `dt` [N, D]. Exact (no capacity drops); matmul
+    work ≈ N·k rows + ≤ 7 rows per expert (< 25 % beyond 64 rows); ≤ min(E, N·k) dequantized experts."""
     N, D = x.shape
     E, k = cfg.num_experts, cfg.num_selected_experts
     gates, experts = route(p["router/w"], x, k)
     A = N * k  # assignments
-    if tile is None:
-        tile = auto_tile(A, E)
+    sizes = (int(tile),) if tile else row_buckets(N)
+    big = max(sizes)
     flat = experts.reshape(A)
     order = jnp.argsort(flat, stable=True)  # [A] assignment ids sorted by expert
-    e_sorted = flat[order]
-    counts = jnp.bincount(flat, length=E)  # [E]
-    padded = (counts + tile - 1) // tile * tile
-    pad_end = jnp.cumsum(padded)
-    pad_start = pad_end - padded
-    rank = jnp.arange(A) - (jnp.cumsum(counts) - counts)[e_sorted]  # position within the group
-    dest = pad_start[e_sorted] + rank  # [A] row of each sorted assignment
-    n_tiles = (A + min(E, A) * (tile - 1)) // tile  # an upper bound on sum(ceil(counts / tile))
-    rows = jnp.zeros((n_tiles * tile, D), dt).at[dest].set(x[order // k].astype(dt))
+    counts = jnp.bincount(flat, length=E)  # [E] rows per expert (each ≤ N)
+    starts = jnp.cumsum(counts) - counts  # [E] first sorted row of each expert
+    # sorted rows, with `big` rows of slack so no slice is ever clamped (clamping would shift it)
+    rows = jnp.zeros((A + big, D), dt).at[: A].set(x[order // k].astype(dt))
+    limits = jnp.asarray(sizes, jnp.int32)
 
     def one_expert(y, e):
         def run(y):
             weights = expert_weights(p, e, dt)  # once per layer for this expert
 
-            def one_tile(t, y):
-                xt = jax.lax.dynamic_slice_in_dim(rows, t * tile, tile)  # [tile, D]
-                return jax.lax.dynamic_update_slice_in_dim(y, expert_apply(weights, xt, dt), t * tile, 0)
+            def apply(size, start, remaining, y):
+                out = expert_apply(weights, jax.lax.dynamic_slice_in_dim(rows, start, size), dt)  # [size, D]
+                keep = (jnp.arange(size) < remaining)[:, None]
+                old = jax.lax.dynamic_slice_in_dim(y, start, size)
+                return jax.lax.dynamic_update_slice_in_dim(y, jnp.where(keep, out, old), start, 0)
 
-            first = pad_start[e] // tile
-            return jax.lax.fori_loop(first, first + padded[e] // tile, one_tile, y)
+            def body(c):
+                done, y = c
+                remaining = counts[e] - done
+                b = jnp.minimum(jnp.searchsorted(limits, remaining), len(sizes) - 1)  # smallest size ≥ remaining
+                y = jax.lax.switch(b, [partial(apply, n) for n in sizes], starts[e] + done, remaining, y)
+                return done + limits[b], y
+
+            return jax.lax.while_loop(lambda c: c[0] < counts[e], body, (jnp.int32(0), y))[1]
 
         return jax.lax.cond(counts[e] > 0, run, lambda y: y, y), None
 
-    y, _ = jax.lax.scan(one_expert, jnp.zeros((n_tiles * tile, D), F32), jnp.arange(E))
-    out = jnp.zeros((A, D), F32).at[order].set(y[dest]).reshape(N, k, D)
+    y, _ = jax.lax.scan(one_expert, jnp.zeros((A + big, D), F32), jnp.arange(E))
+    out = jnp.zeros((A, D), F32).at[order].set(y[:A]).reshape(N, k, D)
     return _combine(gates, out, dt)
 
 
