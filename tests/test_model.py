@@ -128,7 +128,7 @@ def test_grouped_moe_equals_dense_moe(release):
     layer0 = jax.tree.map(lambda w: w[0], params["layers"])
     x = jax.random.normal(jax.random.PRNGKey(0), (37, TINY.emb_size), jnp.float32)
     dense = jax.jit(lambda p, x: moe_dense(p, x, TINY, jnp.float32))(layer0, x)
-    for tile in (1, 4, 16, None):  # None: auto (16 rows for 74 assignments)
+    for tile in (1, 4, 16, None):  # None: one bucket-sized matmul per expert (row_buckets)
         grouped = jax.jit(lambda p, x: moe_grouped(p, x, TINY, jnp.float32, tile=tile))(layer0, x)
         np.testing.assert_allclose(np.asarray(grouped), np.asarray(dense), rtol=1e-5, atol=1e-5)
 
