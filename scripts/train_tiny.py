@@ -117,7 +117,9 @@ def make_loss(cfg):
 
     def loss_fn(params, batch):  # batch int32 [B, T+1]
         inputs, targets = batch[:, :-1], batch[:, 1:]
-        logits, _ = model.forward(params, inputs, cfg)
+        # The all-experts MoE: the same per-expert math as the grouped kernel the toolkit samples
+        # with, but differentiable (the grouped kernel's data-dependent loops are not).
+        logits, _ = model.forward(params, inputs, cfg, moe="dense")
         logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
         nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
         return nll.mean()
