@@ -32,7 +32,7 @@ from typing import Iterator, Optional
 import numpy as np
 
 from . import store as st
-from .errors import DiskSpaceError, SlncxError, StructureError
+from .errors import DiskSpaceError, SlncxError
 from .params import ParamSpec
 from .progress import ProgressFn, null_progress
 from .quant import BF16, ErrorStats, dequantize_f32, quantize_columns, quantize_rows, quantize_slab

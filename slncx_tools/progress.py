@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable
 
 # progress(done_units, total_units, message) — units are whatever the caller says (bytes, tensors).
 ProgressFn = Callable[[int, int, str], None]

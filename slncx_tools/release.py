@@ -12,7 +12,7 @@ import os
 import re
 import threading
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Optional
 
 import numpy as np
 
@@ -336,14 +336,3 @@ def generate_checkpoint(
         (tmp / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=1) + "\n")
     os.replace(tmp, final)
     return final
-
-
-def write_checkpoint(cfg: ModelConfig, out_dir, tensors: Sequence, *, write_config: bool = True) -> Path:
-    """Write `tensors` (one value per table entry, in table order) as a ckpt-0 directory."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for entry, value in zip(param_table(cfg), tensors, strict=True):
-        write_tensor(out_dir / entry.file, value)
-    if write_config:
-        (out_dir / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=1) + "\n")
-    return out_dir

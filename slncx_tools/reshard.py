@@ -210,12 +210,6 @@ def source_kind(source, entry: ParamSpec, parts: dict) -> str:
     return "int8" if "weight" in parts else "float"
 
 
-def checkpoint_layouts(source, mesh: MeshShape) -> dict:
-    """entry path -> (kind, {part: PartLayout}) for every tensor of `source`; validates the whole
-    mesh first (MeshError names the first tensor and dimension it does not divide)."""
-    return {e.path: _entry_layout(source, e, mesh) for e in source.table}
-
-
 def _entry_layout(source, entry: ParamSpec, mesh: MeshShape):
     parts = source_parts(source, entry)
     kind = source_kind(source, entry, parts)

@@ -225,7 +225,7 @@ def test_dry_run_lists_and_fetches_nothing(server, repo_files, tmp_path):
     lines = r.output.splitlines()
     assert lines[0].split() == ["ckpt-0/config.json", f"{len(repo_files['ckpt-0/config.json']):,}", "fetch"]
     total = sum(len(v) for v in ckpt_files(repo_files).values())
-    assert f"147 of 149 files" in r.output and f"({total:,} bytes)" in r.output
+    assert "147 of 149 files" in r.output and f"({total:,} bytes)" in r.output
     assert "a complete TINY ckpt-0" in r.output and "SLNCX has 770" in r.output
     assert lines[-1].startswith("disk: need") and lines[-1].endswith(": ok")
     assert not dest.exists() and server.bytes_served == {}

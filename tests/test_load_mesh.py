@@ -12,7 +12,7 @@ from slncx_tools.convert import quantize_checkpoint
 from slncx_tools.errors import MeshError
 from slncx_tools.load import host_params, load_params
 from slncx_tools.mesh import make_mesh
-from slncx_tools.model import QWeight, forward
+from slncx_tools.model import forward
 from slncx_tools.release import generate_checkpoint
 from slncx_tools.reshard import reshard_checkpoint
 from slncx_tools import store as st

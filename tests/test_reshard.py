@@ -18,7 +18,6 @@ from slncx_tools.config import TINY
 from slncx_tools.convert import quantize_checkpoint
 from slncx_tools.errors import MeshError
 from slncx_tools.params import mesh_axes_of, param_table
-from slncx_tools.quant import BF16
 from slncx_tools.reshard import MeshShape, plan_reshard, reshard_checkpoint
 
 CLI = Path(sys.executable).parent / "slncx-tools"
