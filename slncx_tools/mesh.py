@@ -1,9 +1,11 @@
 """Device meshes: parse "MxD" / "model=M,data=D", build a ("data", "model") Mesh, and give the
 PartitionSpec of every parameter (from the parameter table) and of the activations/KV cache.
 
-Quantized weights: the int8 values use the table's spec; their scales [..., R, out] use the same
-spec with the row (R) dimension replicated. Scales are small, and keeping them whole along the
-rows makes every R (1, 8, ...) correct on every model-axis size (1, 2, 4, 8, 16, ...). Per-row int8
+Quantized weights: the int8 values use the table's spec; here their scales [..., R, out] use the
+same spec with the row (R) dimension replicated. Scales are small, and keeping them whole along the
+rows makes every R (1, 8, ...) correct on every model-axis size (1, 2, 4, 8, 16, ...). The
+per-device loader (load.load_sharded) instead splits scales with their rows, re-gridding R exactly
+as `reshard` does; the model's dequantization is correct for both layouts. Per-row int8
 embeddings (a model.QEmbedding): values [V, D] as the table, (None, ("data", "model")); their scales
 [V, 1] replicated (the size-1 dimension is never split).
 """

@@ -53,8 +53,9 @@ def dequantize(w, dtype=BF16) -> jax.Array:
     if not isinstance(w, QWeight):
         return w.astype(dtype)
     rows, blocks = w.values.shape[-2], w.scales.shape[-2]
-    # Scales stay [..., R, out] (replicated along rows on any mesh); repeating them over their
-    # rows/R input rows is a broadcast that XLA fuses into the product.
+    # Scales [..., R, out]: whole along the rows (mesh.partition_spec) or split with them in R'
+    # re-gridded blocks (load.load_sharded); either way repeating each over its rows/R input rows
+    # lines up with the values, and XLA fuses the broadcast into the product.
     scales = jnp.repeat(w.scales, rows // blocks, axis=-2)  # [..., R, out] -> [..., in, out]
     return (w.values.astype(F32) * scales.astype(F32)).astype(dtype)
 
