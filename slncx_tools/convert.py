@@ -9,7 +9,7 @@ The reusable pieces (a reshard pipeline builds on them):
 - `StoreSink` / `write_release_entry` consume such a stream into zarr3 arrays (chunk-aligned,
   hashed on the way) or into a release pickle;
 - `Journal` makes a job resumable: one record per finished tensor, checked on rerun;
-- `check_disk_space`, `disk_probe`, `parse_bytes`, `hash_file` and `ErrorTable` for the CLI report.
+- `check_disk_space`, `disk_probe`, `parse_bytes` and `ErrorTable` for the CLI report.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from typing import Iterator, Optional
 import numpy as np
 
 from . import store as st
+from .disk import free_bytes, sha256_file
 from .errors import DiskSpaceError, SlncxError
 from .params import ParamSpec
 from .progress import ProgressFn, null_progress
@@ -427,7 +428,7 @@ def write_release_entry(ckpt_dir, job: TensorJob, slabs) -> dict:
         p: {"shape": list(job.arrays[p]["shape"]), "dtype": st.dtype_name(job.arrays[p]["dtype"]), "sha256": hashes[p].hexdigest()}
         for p in order
     }
-    return {"file": job.entry.file, "file_sha256": hash_file(path), "arrays": arrays}
+    return {"file": job.entry.file, "file_sha256": sha256_file(path), "arrays": arrays}
 
 
 # --- resumability -------------------------------------------------------------------------------
@@ -502,30 +503,10 @@ def verify_store_record(root, rec: dict) -> bool:
 
 def verify_release_record(ckpt_dir, rec: dict) -> bool:
     path = Path(ckpt_dir) / rec["file"]
-    return path.exists() and hash_file(path) == rec["file_sha256"]
+    return path.exists() and sha256_file(path) == rec["file_sha256"]
 
 
 # --- disk ---------------------------------------------------------------------------------------
-
-def hash_file(path, block: int = 8 * 1024 * 1024) -> str:
-    h = hashlib.sha256()
-    buf = bytearray(block)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while True:
-            n = f.readinto(buf)
-            if not n:
-                break
-            h.update(view[:n])
-    return h.hexdigest()
-
-
-def free_bytes(path) -> int:
-    p = Path(path)
-    while not p.exists():
-        p = p.parent
-    return shutil.disk_usage(p).free
-
 
 def check_disk_space(out, needed: int, slack: float = 0.02) -> None:
     free = free_bytes(out)
@@ -627,7 +608,7 @@ def _source_file(source, entry) -> Optional[Path]:
 def _source_info(source) -> dict:
     if source.kind == "store":
         mf = Path(source.dir) / st.MANIFEST
-        return {"kind": "store", "path": str(Path(source.dir).resolve()), "manifest_sha256": hash_file(mf), "files": {}}
+        return {"kind": "store", "path": str(Path(source.dir).resolve()), "manifest_sha256": sha256_file(mf), "files": {}}
     return {"kind": "release", "path": str(Path(source.dir).resolve()), "files": {}}
 
 
@@ -694,7 +675,7 @@ def quantize_checkpoint(source_path, out, opts: QuantizeOptions = QuantizeOption
         src_file = _source_file(source, job.entry)
         with ThreadPoolExecutor(1) as pool:
             if src_file is not None:
-                hasher = pool.submit(hash_file, src_file)
+                hasher = pool.submit(sha256_file, src_file)
             result = TensorResult()
             label = job.entry.path.split("/", 1)[-1]
             slabs = produce(source, job, opts, budget, lambda n: counter(n, label), result)

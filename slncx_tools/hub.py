@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +31,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Optional, Protocol, Sequence
 
 from . import fetch
+from .disk import free_bytes, read_sha256sums
 from .errors import ChecksumError, DiskSpaceError, DownloadError, SlncxError
 from .progress import ProgressFn
 
@@ -43,7 +43,6 @@ DEFAULT_INCLUDE = ("ckpt-0/*",)
 CKPT_DIR = "ckpt-0"
 SUMS_NAME = "SHA256SUMS"
 JOURNAL_NAME = ".slncx-download.sha256"  # in dest: sha256sum lines, repo-relative paths
-FREE_BYTES_ENV = "SLNCX_FAKE_FREE_BYTES"  # tests: pretend this much space is free
 
 
 @dataclass(frozen=True)
@@ -227,16 +226,6 @@ class Plan:
         }
 
 
-def free_bytes(path) -> int:
-    """Free bytes on the filesystem that will hold `path` ($SLNCX_FAKE_FREE_BYTES overrides, for tests)."""
-    if os.environ.get(FREE_BYTES_ENV):
-        return int(os.environ[FREE_BYTES_ENV])
-    p = Path(path).absolute()
-    while not p.exists():
-        p = p.parent
-    return shutil.disk_usage(p).free
-
-
 def select(files: Iterable[RemoteFile], include: Sequence[str] = DEFAULT_INCLUDE, exclude: Sequence[str] = ()) -> list:
     """The files matching `include` and not `exclude`, with huggingface-cli's pattern rules
     (fnmatch, `*` also matches `/`, a pattern ending in `/` means everything below it)."""
@@ -246,28 +235,14 @@ def select(files: Iterable[RemoteFile], include: Sequence[str] = DEFAULT_INCLUDE
                                     ignore_patterns=list(exclude) or None, key=lambda f: f.path))
 
 
-def read_sums(path) -> dict:
-    """{relative name: sha256} from a sha256sum-format file (missing file: empty)."""
-    out = {}
-    try:
-        text = Path(path).read_text()
-    except FileNotFoundError:
-        return out
-    for line in text.splitlines():
-        parts = line.strip().split(None, 1)
-        if len(parts) == 2 and len(parts[0]) == 64:
-            out[parts[1].lstrip("*")] = parts[0].lower()
-    return out
-
-
 def known_digests(dest: Path) -> dict:
     """{repo path: sha256} recorded by earlier runs (journal) or by any */SHA256SUMS under dest."""
     known = {}
     for sums in [dest / SUMS_NAME, *sorted(dest.glob(f"*/{SUMS_NAME}"))]:
         prefix = sums.parent.relative_to(dest).as_posix()
-        for name, digest in read_sums(sums).items():
+        for name, digest in read_sha256sums(sums).items():
             known[name if prefix == "." else f"{prefix}/{name}"] = digest
-    known.update(read_sums(dest / JOURNAL_NAME))
+    known.update(read_sha256sums(dest / JOURNAL_NAME))
     return known
 
 
@@ -487,7 +462,7 @@ def write_sums(dest: Path, digests: dict) -> list:
     written = []
     for key, entries in sorted(groups.items()):
         target = (dest if key == "." else dest / key) / SUMS_NAME
-        merged = {**read_sums(target), **entries}
+        merged = {**read_sha256sums(target), **entries}
         merged.pop(SUMS_NAME, None)
         tmp = target.with_name(SUMS_NAME + ".tmp")
         tmp.write_text("".join(f"{d}  {n}\n" for n, d in sorted(merged.items())))

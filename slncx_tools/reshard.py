@@ -45,11 +45,11 @@ from .convert import (
     Journal,
     TensorJob,
     check_disk_space,
-    free_bytes,
     source_parts,
     verify_store_record,
     _source_info,
 )
+from .disk import free_bytes
 from .errors import ChecksumError, MeshError, SlncxError
 from .params import DATA, MODEL, ParamSpec, mesh_axes_of
 from .progress import ProgressFn, null_progress
@@ -426,14 +426,12 @@ def write_job(root, source, job: TensorJob, compression: dict, budget: int, coun
             digest = _digest_rows(source, job, part, budget)
         arrays[part] = {
             "key": key, "shape": list(lay.shape), "dtype": st.dtype_name(lay.dtype), "chunks": list(lay.shard),
-            "shard_shape": list(lay.shard), "partition": [_spec_json(p) for p in lay.partition], "sha256": digest,
+            "shard_shape": list(lay.shard), "partition": [st.spec_json(p) for p in lay.partition], "sha256": digest,
         }
     _check_carried(source, job, arrays)
     return arrays
 
 
-def _spec_json(s):
-    return list(s) if isinstance(s, tuple) else s
 
 
 def _check_carried(source, job: TensorJob, arrays: dict) -> None:

@@ -353,7 +353,7 @@ def tensor_record(entry: ParamSpec, storage: dict, arrays: dict, **extra) -> dic
         "name": entry.name,
         "layer": entry.layer,
         "shape": list(entry.shape),
-        "partition": [_spec_json(s) for s in entry.partition],
+        "partition": [spec_json(s) for s in entry.partition],
         "storage": storage,
         "arrays": arrays,
     }
@@ -361,7 +361,8 @@ def tensor_record(entry: ParamSpec, storage: dict, arrays: dict, **extra) -> dic
     return rec
 
 
-def _spec_json(s):
+def spec_json(s):
+    """A PartitionSpec entry as JSON (a tuple of axes becomes a list)."""
     return list(s) if isinstance(s, tuple) else s
 
 

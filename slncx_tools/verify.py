@@ -21,6 +21,7 @@ from typing import Optional
 import numpy as np
 
 from .checkpoint import is_store
+from .disk import read_sha256sums
 from .errors import SlncxError, StructureError
 from .progress import ProgressFn, null_progress
 
@@ -50,21 +51,6 @@ class CheckReport:
             "arrays_hashed": self.arrays_hashed, "bytes_hashed": self.bytes_hashed,
             "checksums": self.checksums, "problems": self.problems, "notes": self.notes,
         }
-
-
-def read_sha256sums(path) -> dict:
-    """`sha256sum` format (`<hex>  <name>` or `<hex> *<name>`) -> {name: hex}."""
-    sums = {}
-    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        digest, _, name = line.partition(" ")
-        name = name.lstrip(" *")
-        if len(digest) != 64 or not name:
-            raise StructureError(f"{path}:{n}: not a sha256sum line: {line!r}")
-        sums[os.path.basename(name)] = digest.lower()
-    return sums
 
 
 def value_problems(what: str, part: str, data: np.ndarray, start: int = 0) -> list:
@@ -111,15 +97,13 @@ def _check_release(path: Path, sha256sums, workers: int, progress: ProgressFn) -
     report.problems += ckpt.problems()
     sums_file = Path(sha256sums) if sha256sums else ckpt.dir / "SHA256SUMS"
     sums = None
-    if sums_file.exists():
-        sums = read_sha256sums(sums_file)
+    if sha256sums or sums_file.exists():
+        sums = {os.path.basename(n): d for n, d in read_sha256sums(sums_file, strict=True).items()}
         report.checksums = str(sums_file)
         listed = {e.file for e in ckpt.table}
         for name in sorted(set(sums) - listed - {"config.json", "tokenizer.model"}):
             if not (ckpt.dir / name).exists():
                 report.problems.append(f"{ckpt.dir / name}: listed in {sums_file.name} but missing")
-    elif sha256sums:
-        raise StructureError(f"{sums_file}: no such file")
     else:
         report.notes.append(
             f"no {sums_file.name} in {ckpt.dir} (download writes one; or pass --sha256sums FILE): "

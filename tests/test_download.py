@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from slncx_tools.localhub import HubServer, files_from_dir
-from slncx_tools import fetch, hub
+from slncx_tools import disk, fetch, hub
 from slncx_tools.cli import cli
 from slncx_tools.config import TINY
 from slncx_tools.errors import ChecksumError, DiskSpaceError, DownloadError
@@ -39,7 +39,7 @@ def isolated_hf(monkeypatch, tmp_path):
     """A fresh HF_HOME, no token from the environment or the user's login, online, fast retries."""
     import huggingface_hub.constants as c
 
-    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_ENDPOINT", hub.FREE_BYTES_ENV):
+    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_ENDPOINT", disk.FREE_BYTES_ENV):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
     monkeypatch.setattr(c, "HF_TOKEN_PATH", str(tmp_path / "hf-home" / "token"))
@@ -236,7 +236,7 @@ def test_dry_run_lists_and_fetches_nothing(server, repo_files, tmp_path):
 
 
 def test_disk_space_refusal(server, tmp_path, monkeypatch):
-    monkeypatch.setenv(hub.FREE_BYTES_ENV, "100000")
+    monkeypatch.setenv(disk.FREE_BYTES_ENV, "100000")
     dest = tmp_path / "d"
     r = run(server, dest)
     assert r.exit_code == 1 and isinstance(r.exception, DiskSpaceError)
