@@ -8,6 +8,7 @@ converters never care which one they got:
     ckpt.read(entry)                        # ndarray (float) or QuantizedArray (int8 + scales)
     ckpt.read_part(entry, part, index)      # part: "array" | "weight" | "scales"; index: slices
     ckpt.blocks(entry)                      # R of a quantized entry as stored (0 if float)
+    ckpt.stored(entry)                      # {"dtype", "quant", "bytes"} as stored (inspect)
     ckpt.bytes_read                         # bytes read from disk so far
 """
 

@@ -146,6 +146,15 @@ class ReleaseCheckpoint:
         h = self.header(entry)
         return h.arrays["scales"].shape[-2] if h.quantized else 0
 
+    def stored(self, entry: ParamSpec) -> dict:
+        """How the file stores an entry: dtype, quantization and data bytes (for `inspect`)."""
+        h = self.header(entry)
+        if h.quantized:
+            w, s = h.arrays["weight"], h.arrays["scales"]
+            return {"dtype": "int8", "quant": f"int8 R={s.shape[-2]} ({s.dtype} scales)", "bytes": w.nbytes + s.nbytes}
+        a = h.arrays["array"]
+        return {"dtype": str(a.dtype), "quant": "float", "bytes": a.nbytes}
+
     def problems(self) -> list:
         """Every structural problem: missing, extra, unreadable, mismatched files (empty = fine)."""
         found = []

@@ -14,7 +14,7 @@ def summarize(ckpt, check: bool = False) -> dict:
     total_bytes = total_params = 0
     for entry in ckpt.table:
         try:
-            stored = ckpt.stored(entry) if hasattr(ckpt, "stored") else _release_stored(ckpt, entry)
+            stored = ckpt.stored(entry)
         except SlncxError:
             if not check:
                 raise
@@ -43,15 +43,6 @@ def summarize(ckpt, check: bool = False) -> dict:
         "total_bytes": total_bytes,
         "problems": problems,
     }
-
-
-def _release_stored(ckpt, entry) -> dict:
-    h = ckpt.header(entry)
-    if h.quantized:
-        w, s = h.arrays["weight"], h.arrays["scales"]
-        return {"dtype": "int8", "quant": f"int8 R={s.shape[-2]} ({s.dtype} scales)", "bytes": w.nbytes + s.nbytes}
-    a = h.arrays["array"]
-    return {"dtype": str(a.dtype), "quant": "float", "bytes": a.nbytes}
 
 
 def human_bytes(n: float) -> str:
